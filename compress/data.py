@@ -1,0 +1,295 @@
+"""Datasets as in-memory uint8 tensors, the papers' preprocessing and batched augmentation.
+
+Names: ``digits`` (scikit-learn, the embedded default), ``cifar10``, ``cifar100`` (torchvision,
+from ``root``), ``imagefolder:<path>`` (``train/`` and ``test/`` or ``val/``). Any of them can
+be cut to a nested subset of K labels (``num_labels``), remapped to 0..K-1.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compress.errors import UserError, unknown_name
+
+__all__ = ["ImageSet", "DataBundle", "load_data", "list_datasets", "iterate_batches", "choose_labels"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass
+class ImageSet:
+    """One split: ``images`` (N, C, H, W) uint8 and ``labels`` (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index])
+
+
+@dataclass
+class DataBundle:
+    """Train and test splits with label names and the normalisation the model expects.
+
+    Pixels become ``(x / 255 - mean) / std`` per channel; the papers' [-1, 1] scaling is
+    ``mean = std = 0.5``.
+    """
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+    label_names: list[str]
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) on any device -> float normalised batch."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+
+_DATASETS: dict[str, Callable[..., DataBundle]] = {}
+
+
+def _register(name: str):
+    def deco(fn):
+        _DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS) + ["imagefolder:<path>"]
+
+
+@_register("digits")
+def _digits(root=None, download=False, seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
+    """scikit-learn's 1,797 handwritten 8x8 digits, upscaled to 32x32 grey replicated to RGB."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255.0 / 16.0)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = perm[:n_test], perm[n_test:]
+    return DataBundle("digits", ImageSet(x[train], y[train]), ImageSet(x[test], y[test]),
+                      [str(i) for i in range(10)])
+
+
+def _torchvision_cifar(cls_name: str, root, download: bool) -> DataBundle:
+    import torchvision
+
+    if root is None:
+        raise UserError(f"dataset {cls_name.lower()!r} needs --data-root (the folder holding the torchvision files)")
+    cls = getattr(torchvision.datasets, cls_name)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=download)
+        except RuntimeError as e:
+            raise UserError(f"{cls_name} not found under {str(root)!r} ({e}); pass --download to fetch it") from None
+        splits.append(ImageSet(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                               torch.as_tensor(ds.targets, dtype=torch.long)))
+    return DataBundle(cls_name.lower(), splits[0], splits[1], list(ds.classes))
+
+
+@_register("cifar10")
+def _cifar10(root=None, download=False, **_) -> DataBundle:
+    return _torchvision_cifar("CIFAR10", root, download)
+
+
+@_register("cifar100")
+def _cifar100(root=None, download=False, **_) -> DataBundle:
+    return _torchvision_cifar("CIFAR100", root, download)
+
+
+def _decode(path: Path, size: int | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # grey, palette and RGBA all become 3-channel RGB
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image file {str(path)!r} cannot be decoded ({e.__class__.__name__}); remove or replace it") from None
+
+
+def _scan_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], torch.Tensor, list[str]]:
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = classes or found
+    if not classes:
+        raise UserError(f"{str(split_dir)!r} holds no class folders; expected one folder of images per class")
+    if set(found) != set(classes):
+        raise UserError(f"{str(split_dir)!r} has classes {found}, but the training split has {classes}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for i, c in enumerate(classes):
+        entries = sorted(p for p in (split_dir / c).iterdir() if not p.name.startswith("."))
+        bad = [p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if bad:
+            raise UserError(f"{str(bad[0])!r} is not an image file (valid: {', '.join(IMAGE_EXTENSIONS)})")
+        if not entries:
+            raise UserError(f"class folder {str(split_dir / c)!r} holds no images; every class needs at least one")
+        files += entries
+        labels += [i] * len(entries)
+    return files, torch.tensor(labels, dtype=torch.long), classes
+
+
+def _decode_all(files: list[Path], labels: torch.Tensor, size: int | None, where: str) -> ImageSet:
+    if size is None and files:
+        size = _decode(files[0], None).shape[0]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(lambda p: _decode(p, size), files))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UserError(f"images in {where!r} differ in size {sorted(shapes)[:3]}; pass --image-size to resize")
+    if not arrays:
+        return ImageSet(torch.empty(0, 3, size or 1, size or 1, dtype=torch.uint8), labels)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, labels)
+
+
+def _imagefolder(path: str, image_size: int | None, keep: list[int] | None, limits: tuple, seed: int) -> DataBundle:
+    """Scan first, select (label subset, limits), then decode only the chosen files."""
+    root = Path(path)
+    if not (root / "train").is_dir():
+        raise UserError(f"image folder {path!r} needs a train/ subfolder (and test/ or val/), one folder per class")
+    test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    if test_dir is None:
+        raise UserError(f"image folder {path!r} needs a test/ or val/ subfolder next to train/")
+    train_files, train_labels, classes = _scan_folder(root / "train", None)
+    test_files, test_labels, _ = _scan_folder(test_dir, classes)
+    splits = []
+    for files, labels, limit, s, d in ((train_files, train_labels, limits[0], seed, root / "train"),
+                                       (test_files, test_labels, limits[1], seed + 1, test_dir)):
+        idx, new_labels = _select(labels, keep, limit, s)
+        splits.append(_decode_all([files[i] for i in idx.tolist()], new_labels, image_size, str(d)))
+        image_size = splits[0].images.shape[-1]
+    names = classes if keep is None else [classes[i] for i in keep]
+    return DataBundle(f"imagefolder:{path}", splits[0], splits[1], names)
+
+
+def choose_labels(total: int, k: int, seed: int = 0) -> list[int]:
+    """K of ``total`` labels chosen at random but nested: the labels for K are inside those for K' > K."""
+    if not 1 <= k <= total:
+        raise UserError(f"number of labels K={k} is outside 1..{total} for this dataset")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:k])
+
+
+def _select(labels: torch.Tensor, keep: list[int] | None, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the samples to keep (label subset, then a random subset of ``limit``) and their new labels."""
+    idx = torch.arange(len(labels))
+    new = labels
+    if keep is not None:
+        remap = torch.full((max(keep + [int(labels.max()) if len(labels) else 0]) + 1,), -1, dtype=torch.long)
+        remap[torch.tensor(keep, dtype=torch.long)] = torch.arange(len(keep))
+        new = remap[labels]
+        idx = idx[new >= 0]
+        new = new[new >= 0]
+    if limit is not None and limit < len(idx):
+        pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        idx, new = idx[pick], new[pick]
+    return idx, new
+
+
+def _apply(split: ImageSet, keep: list[int] | None, limit: int | None, seed: int) -> ImageSet:
+    idx, new = _select(split.labels, keep, limit, seed)
+    return ImageSet(split.images[idx], new)
+
+
+def load_data(name: str, *, root: str | os.PathLike | None = None, download: bool = False,
+              num_labels: int | None = None, label_seed: int = 0, image_size: int | None = None,
+              limit_train: int | None = None, limit_test: int | None = None, seed: int = 0) -> DataBundle:
+    """Load a dataset by name.
+
+    Args:
+        name: ``digits``, ``cifar10``, ``cifar100`` or ``imagefolder:<path>``.
+        root: folder of the torchvision files (CIFAR).
+        download: let torchvision download CIFAR (never done unless asked).
+        num_labels: keep a nested subset of K labels, remapped to 0..K-1 (CIFAR-K).
+        label_seed: seed of the nested label order.
+        image_size: resize image-folder images to this square size.
+        limit_train: keep a random subset of this many training images (quick runs, tests).
+        limit_test: the same for the test split.
+        seed: seed of the subsets and of the digits split.
+    """
+    if name.startswith("imagefolder:"):
+        path = name.split(":", 1)[1]
+        total = None
+        if num_labels is not None:
+            train_dir = Path(path) / "train"
+            total = len([p for p in train_dir.iterdir() if p.is_dir()]) if train_dir.is_dir() else 0
+        keep = choose_labels(total, num_labels, label_seed) if num_labels is not None else None
+        bundle = _imagefolder(path, image_size, keep, (limit_train, limit_test), seed)
+        if keep is not None:
+            bundle = replace(bundle, meta={"labels_kept": keep})
+    elif name in _DATASETS:
+        bundle = _DATASETS[name](root=root, download=download)
+        keep = choose_labels(bundle.num_classes, num_labels, label_seed) if num_labels is not None else None
+        bundle = replace(bundle, train=_apply(bundle.train, keep, limit_train, seed),
+                         test=_apply(bundle.test, keep, limit_test, seed + 1),
+                         label_names=bundle.label_names if keep is None else [bundle.label_names[i] for i in keep],
+                         meta={} if keep is None else {"labels_kept": keep})
+    else:
+        raise unknown_name("dataset", name, list_datasets())
+    if len(bundle.train) == 0 or len(bundle.test) == 0:
+        raise UserError(f"dataset {name!r} has an empty train or test split")
+    return bundle
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
+    """Random horizontal flip and translation up to ``shift`` pixels (zero fill), batched on x's device."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
+    x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+    xp = F.pad(x, (shift, shift, shift, shift))
+    rows = (dy.view(-1, 1) + torch.arange(h)).to(x.device)  # (B, H)
+    cols = (dx.view(-1, 1) + torch.arange(w)).to(x.device)  # (B, W)
+    bidx = torch.arange(b, device=x.device).view(-1, 1, 1)
+    out = xp.permute(0, 2, 3, 1)[bidx, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def iterate_batches(bundle: DataBundle, split: ImageSet, batch_size: int, *, shuffle: bool = False,
+                    augmented: bool = False, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised float batches ``(x, y)`` on ``device``; order and augmentation follow ``generator``."""
+    generator = generator or torch.Generator().manual_seed(0)
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        x = split.images[idx].to(device, non_blocking=True)
+        if augmented:
+            x = augment(x, generator)
+        yield bundle.normalize(x), split.labels[idx].to(device, non_blocking=True)

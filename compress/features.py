@@ -1,0 +1,103 @@
+"""Feature extraction for all taps in one pass over the data, cached in memory or on disk."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from compress.data import DataBundle, ImageSet, iterate_batches
+from compress.models.taps import StopForward, capture, tap_shapes
+
+__all__ = ["FeatureCache", "extract_features"]
+
+_DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+
+
+@dataclass
+class FeatureCache:
+    """Tap outputs for one split: ``features[tap]`` is (N, C, H, W), ``labels`` is (N,).
+
+    Arrays live in memory, or in memory-mapped files under ``folder`` when they would not fit
+    (``on_disk``); either way they are torch tensors sharing the storage.
+    """
+
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    on_disk: bool = False
+    folder: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.features.values())
+
+
+def _allocate(shape: tuple[int, ...], dtype: str, path: Path | None) -> torch.Tensor:
+    if path is None:
+        return torch.empty(shape, dtype=_DTYPES[dtype][0])
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_DTYPES[dtype][1], shape=shape)
+    return torch.from_numpy(arr)
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps: Sequence[str], *,
+                     dtype: str = "float32", batch_size: int = 500, max_memory_gb: float = 4.0,
+                     cache_dir: str | Path | None = None, device: torch.device | None = None,
+                     progress: bool = True, desc: str = "features") -> FeatureCache:
+    """Run ``split`` through ``model`` once and keep every tap's output.
+
+    Layers after the deepest tap are skipped. No augmentation: the papers' probes see the
+    preprocessed images.
+
+    Args:
+        model: the trained network (put in eval mode).
+        bundle: supplies the normalisation.
+        split: the images to run.
+        taps: module paths.
+        dtype: ``float32`` or ``float16`` storage.
+        batch_size: images per forward pass.
+        max_memory_gb: above this total size, features go to memory-mapped ``.npy`` files.
+        cache_dir: folder for those files (default: a temporary folder).
+        device: defaults to the model's device.
+        progress: show a progress bar.
+        desc: progress bar label.
+    """
+    if dtype not in _DTYPES:
+        from compress.errors import UserError
+
+        raise UserError(f"unknown feature dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+    device = device or next(model.parameters()).device
+    model.eval()
+    shapes = tap_shapes(model, taps, split.images.shape[1:])
+    n = len(split)
+    total = sum(n * math.prod(s) for s in shapes.values()) * torch.tensor([], dtype=_DTYPES[dtype][0]).element_size()
+    on_disk = total > max_memory_gb * 2**30
+    folder = None
+    if on_disk:
+        folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="compress-features-"))
+        folder.mkdir(parents=True, exist_ok=True)
+    feats = {t: _allocate((n, *shapes[t]), dtype, folder / f"{t}.npy" if folder else None) for t in taps}
+    offset = 0
+
+    def sink(name: str, out: torch.Tensor) -> None:
+        feats[name][offset:offset + out.shape[0]] = out.detach().to("cpu", _DTYPES[dtype][0])
+
+    with capture(model, taps, sink):
+        batches = iterate_batches(bundle, split, batch_size, device=device)
+        for x, _ in tqdm(batches, total=math.ceil(n / batch_size), desc=desc, disable=not progress, leave=False):
+            try:
+                model(x)
+            except StopForward:
+                pass
+            offset += x.shape[0]
+    return FeatureCache(feats, split.labels.clone(), on_disk=on_disk, folder=folder)

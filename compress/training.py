@@ -1,0 +1,181 @@
+"""Phase 1: the training loop (SGD with Nesterov momentum, step or cosine schedule, per-group
+learning rates), with a checkpoint every epoch and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compress.data import DataBundle, ImageSet, iterate_batches
+from compress.errors import UserError
+from compress.io import atomic_torch_save, atomic_write_text
+
+__all__ = ["TrainConfig", "fit", "evaluate", "default_device", "param_groups"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of phase 1 (the papers' tables give one set per architecture).
+
+    ``lr_fc``, ``momentum_fc`` and ``weight_decay_fc`` default to the conv values when ``None``.
+    The step schedule multiplies the learning rate by ``lr_decay`` every ``lr_step`` epochs.
+    """
+
+    epochs: int = 30
+    batch_size: int = 100
+    lr: float = 0.028
+    momentum: float = 0.975
+    weight_decay: float = 1.5e-3
+    lr_fc: float | None = None
+    momentum_fc: float | None = None
+    weight_decay_fc: float | None = None
+    schedule: str = "step"
+    lr_decay: float = 0.6
+    lr_step: int = 20
+    augment: bool = True
+    amp: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("step", "cosine"):
+            raise UserError(f"unknown schedule {self.schedule!r}; valid: step, cosine")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("epochs and batch_size must be at least 1")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Two groups: parameters of ``nn.Linear`` layers ("fc") and all others ("conv")."""
+    fc_ids = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    conv = [p for p in params if id(p) not in fc_ids]
+    fc = [p for p in params if id(p) in fc_ids]
+    groups = [{"name": "conv", "params": conv, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay},
+              {"name": "fc", "params": fc, "lr": cfg.lr if cfg.lr_fc is None else cfg.lr_fc,
+               "momentum": cfg.momentum if cfg.momentum_fc is None else cfg.momentum_fc,
+               "weight_decay": cfg.weight_decay if cfg.weight_decay_fc is None else cfg.weight_decay_fc}]
+    return [g for g in groups if g["params"]]
+
+
+def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.lr_decay ** (epoch // cfg.lr_step)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, bundle: DataBundle, split: ImageSet | None = None, batch_size: int = 500,
+             device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (default: the test split)."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    correct = 0
+    split = bundle.test if split is None else split
+    for x, y in iterate_batches(bundle, split, batch_size, device=device):
+        correct += (model(x).argmax(1) == y).sum().item()
+    model.train(was)
+    return correct / max(1, len(split))
+
+
+def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | Path, *,
+        meta: dict[str, Any] | None = None, resume: bool = True, device: torch.device | None = None,
+        progress: bool = True, after_step=None) -> list[dict[str, float]]:
+    """Train ``model`` on ``bundle.train``, checkpointing to ``out_dir/checkpoint.pt`` after every epoch.
+
+    A run started again with the same ``out_dir`` resumes after the last finished epoch; shuffling
+    and augmentation are seeded per epoch, so a resumed run ends where an uninterrupted one would.
+
+    Args:
+        model: the network (moved to ``device``).
+        bundle: the data; the test split gives the accuracy logged each epoch.
+        cfg: hyper-parameters.
+        out_dir: folder for ``checkpoint.pt`` and ``history.json``.
+        meta: JSON-able description stored in the checkpoint (model name and options, labels).
+        resume: continue from an existing checkpoint.
+        device: defaults to CUDA when present.
+        progress: show a progress bar.
+        after_step: optional ``callable(model)`` run after every optimiser step (e.g. re-applying masks).
+
+    Returns:
+        One dict per epoch: ``epoch``, ``lr``, ``loss``, ``train_acc``, ``test_acc``, ``seconds``.
+    """
+    out_dir = Path(out_dir)
+    device = device or default_device()
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    groups = param_groups(model, cfg)
+    base_lrs = [g["lr"] for g in groups]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict[str, float]] = []
+    start = 0
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = json.loads(state["history"])
+        start = int(state["epoch"]) + 1
+    for epoch in range(start, cfg.epochs):
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * _lr_factor(cfg, epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        model.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        batches = iterate_batches(bundle, bundle.train, cfg.batch_size, shuffle=True, augmented=cfg.augment,
+                                  generator=gen, device=device)
+        bar = tqdm(batches, total=math.ceil(len(bundle.train) / cfg.batch_size), disable=not progress,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if after_step is not None:
+                after_step(model)
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        test_acc = evaluate(model, bundle, device=device)
+        history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
+                        "train_acc": correct / seen, "test_acc": test_acc, "seconds": time.perf_counter() - t0})
+        if progress:
+            h = history[-1]
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  train {h['train_acc']:.4f}  "
+                       f"test {test_acc:.4f}  ({h['seconds']:.1f} s)")
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                           "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
+                           "meta": json.dumps(meta or {})}, ckpt_path)
+        atomic_write_text(out_dir / "history.json", json.dumps(history, indent=2))
+    return history
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` a training checkpoint was saved with (empty for a bare state dict)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}
+    if isinstance(state, dict) and isinstance(state.get("meta"), str):
+        return json.loads(state["meta"])
+    return {}
