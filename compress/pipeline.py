@@ -76,11 +76,11 @@ def build_model(spec: ModelSpec, bundle: DataBundle, device: torch.device | None
 def spec_from_checkpoint(spec: ModelSpec) -> ModelSpec:
     """Fill the model name and options from the checkpoint's metadata when the spec leaves them out."""
     if spec.checkpoint is None:
-        return spec
+        return spec if spec.name else ModelSpec("vgg16", spec.options, None, spec.pretrained)
+    if not Path(spec.checkpoint).is_file():
+        raise UserError(f"checkpoint {spec.checkpoint!r} does not exist")
     meta = read_meta(spec.checkpoint)
-    if not meta:
-        return spec
-    name = spec.name or meta.get("model", "vgg16")
+    name = spec.name or meta.get("model") or "vgg16"
     options = spec.options or (meta.get("options", {}) if name == meta.get("model") else {})
     return ModelSpec(name, options, spec.checkpoint, spec.pretrained)
 
