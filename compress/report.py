@@ -126,8 +126,8 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
     blocks += [_Heading(2, "Signal and noise (Eqs. (1)-(4), Fig. 2)"), _Para(
         "Measured over labels from the clusters of each tap: signal = appearances of a label on the "
         "diagonal of its clusters, noise_I = other labels inside those clusters, noise_E = ones outside "
-        "the clusters on the label's row; Boolean = clipped matrices, field = the fields of the "
-        "above-threshold elements. SNR_I = signal / noise_I, SNR_E = signal / noise_E (means over labels)."
+        "the clusters on the label's row, both per competing label (divided by K - 1); Boolean = clipped "
+        "matrices, field = the raw summed fields at the same positions. SNR_I = signal / noise_I, SNR_E = signal / noise_E (means over labels)."
     ), _snr_table(taps)]
     estimates = _estimates_table(taps)
     if estimates is not None:

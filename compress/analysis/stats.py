@@ -36,20 +36,23 @@ def layer_stats(cluster_ids: torch.Tensor, noise: torch.Tensor) -> LayerStats:
 
 
 def label_snr(clipped: torch.Tensor, fields: torch.Tensor, cluster_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-label signal, internal and external noise summed over a tap's filters (Fig. 2).
+    """Per-label signal, internal and external noise over a tap's filters (Fig. 2).
 
-    Boolean version: signal[i] counts the filters with (i, i) in a cluster; noise_internal[i]
-    counts off-diagonal ones of row i inside a cluster; noise_external[i] counts ones of row i
-    outside every cluster. Field version: the same positions, summing the raw fields instead
-    of ones.
+    Boolean version: ``signal[i]`` counts the filters with label i in a cluster (the diagonal of
+    the summed clipped matrices); ``noise_internal[i]`` counts the off-diagonal ones of row i
+    inside clusters and ``noise_external[i]`` the ones of row i outside every cluster, both
+    divided by the K - 1 other labels, so that they compare with the signal on one competing
+    output as in Eqs. (2)-(3). Field version: the same positions, summing the raw fields
+    instead of ones.
     """
     inside = cluster_mask(cluster_ids)
     k = clipped.shape[1]
     eye = torch.eye(k, dtype=torch.bool)
     masks = {"signal": inside & eye, "noise_internal": inside & ~eye, "noise_external": clipped & ~inside}
+    scale = {"signal": 1.0, "noise_internal": 1.0 / max(k - 1, 1), "noise_external": 1.0 / max(k - 1, 1)}
     return {
-        "boolean": {name: m.double().sum((0, 2)) for name, m in masks.items()},
-        "field": {name: (fields.double() * m).sum((0, 2)) for name, m in masks.items()},
+        "boolean": {name: m.double().sum((0, 2)) * scale[name] for name, m in masks.items()},
+        "field": {name: (fields.double() * m).sum((0, 2)) * scale[name] for name, m in masks.items()},
     }
 
 
