@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from compress.data import DataBundle, load_data
 from compress.errors import UserError
 from compress.io import atomic_write_text, ensure_writable_dir
 from compress.models import create_model, resolve_taps
+from compress.models.serialize import save_model
 from compress.training import CHECKPOINT, TrainConfig, default_device, evaluate, fit, read_meta
 
 __all__ = ["ModelSpec", "DataSpec", "build_model", "train", "analyze", "demo"]
@@ -65,6 +65,13 @@ def _write_config(folder: Path, **sections: Any) -> None:
     atomic_write_text(folder / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
 
+def model_meta(spec: ModelSpec, bundle: DataBundle) -> dict[str, Any]:
+    """What a saved model carries besides its weights (see :mod:`compress.models.serialize`)."""
+    return {"model": spec.name, "options": dict(spec.options), "num_classes": bundle.num_classes,
+            "input_size": list(bundle.input_size), "label_names": list(bundle.label_names),
+            "mean": list(bundle.mean), "std": list(bundle.std), "channel_order": "RGB", "dataset": bundle.name}
+
+
 def build_model(spec: ModelSpec, bundle: DataBundle, device: torch.device | None = None) -> torch.nn.Module:
     """The model of ``spec`` sized for ``bundle`` (classes, channels, resolution), with its checkpoint."""
     c, h, _ = bundle.input_size
@@ -93,12 +100,9 @@ def train(model_spec: ModelSpec, data_spec: DataSpec, cfg: TrainConfig, out: str
     bundle = data_spec.load()
     model = build_model(model_spec, bundle)
     _write_config(out, model=model_spec, data=data_spec, train=cfg)
-    meta = {"model": model_spec.name, "options": model_spec.options, "dataset": bundle.name,
-            "label_names": bundle.label_names}
+    meta = model_meta(model_spec, bundle)
     history = fit(model, bundle, cfg, out, meta=meta, resume=resume, progress=progress)
-    from compress.io import atomic_torch_save
-
-    atomic_torch_save({"model": model.state_dict(), "meta": json.dumps(meta)}, out / "model.pt")
+    save_model(model, out / "model.pt", meta)
     return model, history, bundle
 
 

@@ -1,0 +1,1 @@
+"""Compression recipes driven by the analysis: AFCC, filter dilution, depth trimming."""

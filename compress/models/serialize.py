@@ -1,0 +1,106 @@
+"""Saving and loading models without pickled code: a state dict plus JSON metadata that says how
+to rebuild the architecture (base model, then each recorded structural transform in order).
+
+A model file is ``torch.save({"model": state_dict, "meta": json_string})``, loadable with
+``weights_only=True``. ``meta`` holds:
+
+- ``model``, ``options``: the factory name and architecture options of the base model;
+- ``num_classes``, ``input_size`` ([C, H, W]), ``label_names``, ``mean``, ``std``: what a
+  deployment needs (scaling is ``(pixel / 255 - mean) / std`` per channel, RGB order);
+- ``transforms``: structural changes applied after building the base model, each a JSON dict
+  with a ``kind`` registered by :func:`register_transform` (e.g. ``prune`` replays a
+  Torch-Pruning history, ``trim`` cuts the network at a tap, ``afcc`` swaps a head for the
+  kept connections only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from compress.errors import UserError
+from compress.io import atomic_torch_save
+
+__all__ = ["register_transform", "apply_transform", "save_model", "load_model", "read_model_meta",
+           "record_transform"]
+
+_TRANSFORMS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
+
+
+def register_transform(kind: str):
+    """Register ``fn(model, spec) -> model`` that re-applies a recorded structural change."""
+
+    def deco(fn):
+        if kind in _TRANSFORMS:
+            raise ValueError(f"transform {kind!r} is already registered")
+        _TRANSFORMS[kind] = fn
+        return fn
+
+    return deco
+
+
+def apply_transform(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Re-apply one recorded transform to ``model`` (its weights are loaded afterwards)."""
+    import compress.compression  # noqa: F401  (registers the transforms)
+
+    kind = spec.get("kind")
+    if kind not in _TRANSFORMS:
+        from compress.errors import unknown_name
+
+        raise unknown_name("model transform", str(kind), _TRANSFORMS)
+    return _TRANSFORMS[kind](model, spec)
+
+
+def record_transform(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Append ``spec`` to the transforms the model carries (``model.compress_transforms``)."""
+    history = list(getattr(model, "compress_transforms", []))
+    history.append(spec)
+    model.compress_transforms = history
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``model`` and its metadata (see the module docstring) atomically to ``path``."""
+    meta = dict(meta)
+    meta["transforms"] = list(getattr(model, "compress_transforms", meta.get("transforms", [])))
+    for key in ("model", "num_classes", "input_size"):
+        if key not in meta:
+            raise ValueError(f"model metadata needs {key!r}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_torch_save({"model": state, "meta": json.dumps(meta)}, path)
+
+
+def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a model file; a bare state dict gives ``{}``."""
+    from compress.models.factory import read_state_dict  # validates the file (exists, readable, no code)
+
+    read_state_dict(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("meta"), str):
+        return json.loads(obj["meta"])
+    return {}
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model written by :func:`save_model` (or a training checkpoint) and load its weights.
+
+    Returns:
+        ``(model, meta)`` with the model in eval mode on ``device``.
+    """
+    from compress.models.factory import create_model, load_checkpoint
+
+    meta = read_model_meta(path)
+    if "model" not in meta:
+        raise UserError(f"{str(path)!r} carries no model description; pass --model and its options with the checkpoint")
+    c, h, _ = meta.get("input_size", [3, 32, 32])
+    model = create_model(meta["model"], num_classes=meta.get("num_classes", len(meta.get("label_names", [])) or 10),
+                         in_chans=c, img_size=h, **meta.get("options", {}))
+    for spec in meta.get("transforms", []):
+        model = apply_transform(model, spec)
+        record_transform(model, spec)
+    load_checkpoint(model, path)
+    return model.to(device).eval(), meta
