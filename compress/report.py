@@ -8,12 +8,8 @@ as a list of blocks and rendered twice, so the Markdown and the HTML always say 
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -25,11 +21,17 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from compress.analysis.result import AnalysisResult, TapAnalysis  # noqa: E402
-from compress.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from compress.document import Figure as _Figure  # noqa: E402
+from compress.document import Heading as _Heading  # noqa: E402
+from compress.document import Para as _Para  # noqa: E402
+from compress.document import Table as _Table  # noqa: E402
+from compress.document import render_html as _render_html  # noqa: E402,F401
+from compress.document import render_markdown as _render_markdown  # noqa: E402,F401
+from compress.document import save_figure as _save  # noqa: E402
+from compress.document import write_document  # noqa: E402
 
 __all__ = ["write_report"]
 
-DPI = 100
 MAX_TICK_LABELS = 20  # above this many labels, axes carry no per-label ticks
 MAX_LISTED_LABELS = 30  # labels named in the introduction
 SIZE_COLUMNS = 6  # cluster sizes 1..6 shown in the table, as in Fig. 5A
@@ -42,29 +44,6 @@ _LEGEND = (
 )
 
 
-@dataclass
-class _Heading:
-    level: int
-    text: str
-
-
-@dataclass
-class _Para:
-    text: str
-
-
-@dataclass
-class _Table:
-    header: list[str]
-    rows: list[list[str]]
-    marked: set[int] = field(default_factory=set)
-
-
-@dataclass
-class _Figure:
-    path: str  # relative to the report folder, "figures/<name>.png"
-    caption: str
-    png: bytes
 
 
 def write_report(result: AnalysisResult, folder: str | Path, filters_per_tap: int = 3) -> dict[str, Path]:
@@ -79,15 +58,7 @@ def write_report(result: AnalysisResult, folder: str | Path, filters_per_tap: in
     Returns:
         ``{"markdown": path, "html": path}``.
     """
-    folder = Path(folder)
-    blocks = _build_blocks(result, filters_per_tap)
-    for b in blocks:
-        if isinstance(b, _Figure):
-            atomic_write_bytes(folder / b.path, b.png)
-    return {
-        "markdown": atomic_write_text(folder / "report.md", _render_markdown(blocks)),
-        "html": atomic_write_text(folder / "report.html", _render_html(_title(result), blocks)),
-    }
+    return write_document(folder, _title(result), _build_blocks(result, filters_per_tap))
 
 
 def _title(result: AnalysisResult) -> str:
@@ -357,16 +328,6 @@ def _label_axis(ax, names: list[str], which: str, order: list[int] | None = None
         ax.set_xlabel("label (index order)")
 
 
-def _save(fig, name: str, caption: str) -> _Figure:
-    buf = io.BytesIO()
-    try:
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=DPI)
-    finally:
-        plt.close(fig)
-    return _Figure(f"figures/{name}.png", caption, buf.getvalue())
-
-
 def _file_stem(taps: list[TapAnalysis], tap: TapAnalysis) -> str:
     """A file-name-safe, unique stem for a tap: its position plus its sanitized name."""
     i = next(j for j, t in enumerate(taps) if t is tap)
@@ -404,62 +365,3 @@ def _ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}"
 
 
-def _render_markdown(blocks: list) -> str:
-    def esc(s: str) -> str:
-        return re.sub(r"([\\`*\[\]<>|])", r"\\\1", str(s))
-
-    out = []
-    for b in blocks:
-        if isinstance(b, _Heading):
-            out.append(f"{'#' * b.level} {esc(b.text)}")
-        elif isinstance(b, _Para):
-            out.append(esc(b.text))
-        elif isinstance(b, _Table):
-            lines = ["| " + " | ".join(esc(h) for h in b.header) + " |",
-                     "|" + "|".join(" --- " for _ in b.header) + "|"]
-            for i, row in enumerate(b.rows):
-                cells = [f"**{esc(v)}**" if i in b.marked and v else esc(v) for v in row]
-                lines.append("| " + " | ".join(cells) + " |")
-            out.append("\n".join(lines))
-        elif isinstance(b, _Figure):
-            out.append(f"![{esc(b.caption)}]({b.path})\n\n*{esc(b.caption)}*")
-    return "\n\n".join(out) + "\n"
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1280px; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { margin-top: 1.5em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f0f0f0; } tr.plateau td { background: #fff3c4; font-weight: bold; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figcaption { font-size: 0.9em; color: #444; }
-"""
-
-
-def _render_html(title: str, blocks: list) -> str:
-    e = html.escape
-    body = []
-    for b in blocks:
-        if isinstance(b, _Heading):
-            body.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
-        elif isinstance(b, _Para):
-            body.append(f"<p>{e(b.text)}</p>")
-        elif isinstance(b, _Table):
-            rows = ["<tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>"]
-            for i, row in enumerate(b.rows):
-                cls = ' class="plateau"' if i in b.marked else ""
-                rows.append(f"<tr{cls}>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>")
-            body.append("<table>\n" + "\n".join(rows) + "\n</table>")
-        elif isinstance(b, _Figure):
-            data = base64.b64encode(b.png).decode("ascii")
-            body.append(f'<figure><img alt="{e(b.caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{e(b.caption)}</figcaption></figure>")
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        + "\n".join(body) + "\n</body>\n</html>\n"
-    )

@@ -1,0 +1,83 @@
+"""Depth trimming: cut the network right after a tap (the accuracy plateau) and let that tap's
+trained probe become the new output layer."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.errors import UserError
+from compress.models.serialize import record_transform, register_transform
+
+__all__ = ["trim_at", "trim_report"]
+
+
+def _sequential_split(model: nn.Module, tap: str) -> tuple[str, nn.Sequential, int]:
+    parent, _, child = tap.rpartition(".")
+    seq = model.get_submodule(parent) if parent else model
+    if not isinstance(seq, nn.Sequential) or child not in seq._modules or not hasattr(model, "head"):
+        raise UserError(
+            f"trimming at {tap!r} needs the tap to be a direct child of an nn.Sequential trunk followed by a "
+            f"`head` (the own VGGs: taps features.pool<i>); for stage models remove blocks instead"
+        )
+    return parent, seq, list(seq._modules).index(child)
+
+
+def trim_at(model: nn.Module, tap: str, head_weight: torch.Tensor | None = None) -> nn.Module:
+    """Remove every layer after ``tap`` and put a bias-free ``Linear(C*H*W -> K)`` head there.
+
+    Args:
+        model: a model whose trunk is an ``nn.Sequential`` holding ``tap`` (the own VGGs).
+        tap: module path of the cut, e.g. ``features.pool10``.
+        head_weight: the new head's weight, (K, C*H*W) or (K, C, H, W): normally the tap's
+            trained probe, so that the trimmed model reproduces the probe's accuracy.
+
+    Returns:
+        The same model object, changed in place, with the transform recorded for replay.
+    """
+    parent, seq, idx = _sequential_split(model, tap)
+    input_size = model.default_cfg["input_size"] if hasattr(model, "default_cfg") else (3, 32, 32)
+    kept = OrderedDict(list(seq._modules.items())[: idx + 1])
+    new_trunk = nn.Sequential(kept)
+    if parent:
+        parent_mod, _, attr = parent.rpartition(".")
+        setattr(model.get_submodule(parent_mod) if parent_mod else model, attr, new_trunk)
+    p = next(model.parameters())
+    with torch.no_grad():
+        was = new_trunk.training
+        new_trunk.eval()
+        in_features = new_trunk(torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)).numel()
+        new_trunk.train(was)
+    num_classes = getattr(model, "num_classes", None) or model.get_classifier().out_features
+    out = nn.Linear(in_features, num_classes, bias=False).to(p.device)
+    if head_weight is not None:
+        w = torch.as_tensor(head_weight, dtype=out.weight.dtype).reshape(num_classes, -1)
+        if w.shape[1] != in_features:
+            raise UserError(f"head weight has {w.shape[1]} inputs but tap {tap!r} gives {in_features}")
+        out.weight.data.copy_(w)
+    model.head = nn.Sequential(OrderedDict(out=out))
+    if hasattr(model, "feature_info"):
+        names = [f["module"] for f in model.feature_info]
+        model.feature_info = model.feature_info[: names.index(tap) + 1] if tap in names else model.feature_info
+    model.num_features = in_features
+    record_transform(model, {"kind": "trim", "tap": tap})
+    return model
+
+
+@register_transform("trim")
+def _replay_trim(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    model = trim_at(model, spec["tap"])
+    model.compress_transforms = model.compress_transforms[:-1]  # load_model records it again
+    return model
+
+
+def trim_report(before: nn.Module, after: nn.Module, tap: str) -> dict[str, Any]:
+    """Which modules the cut removed (by name) and the parameter counts before and after."""
+    kept = {n for n, _ in after.named_modules()}
+    removed = [n for n, m in before.named_modules() if n and n not in kept and not list(m.children())]
+    return {"tap": tap, "removed_modules": removed,
+            "params_before": sum(p.numel() for p in before.parameters()),
+            "params_after": sum(p.numel() for p in after.parameters())}
