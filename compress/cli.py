@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from compress.cli_deploy import add_commands as add_deploy_commands
 from compress.errors import UserError
 
 
@@ -122,11 +123,39 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {paths['html']}")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from compress.pipeline import demo
+def _print_run(summary: dict, out) -> None:
+    base = summary["steps"][0]["after"]
+    print(f"{'step':<14}{'params':>12}{'non-zero':>12}{'FLOPs':>14}{'accuracy':>10}")
+    for r in summary["steps"]:
+        a = r["after"]
+        print(f"{r['step']:<14}{a['params']:>12,}{a['nonzero_params']:>12,}{a['flops']:>14,}{a['accuracy']:>10.4f}")
+    last = summary["steps"][-1]["after"]
+    print(f"FLOPs x{base['flops'] / max(last['flops'], 1):.2f} fewer, non-zero parameters "
+          f"x{base['nonzero_params'] / max(last['nonzero_params'], 1):.2f} fewer, accuracy "
+          f"{100 * (last['accuracy'] - base['accuracy']):+.2f} points")
+    print(f"report: {Path(out) / 'report.html'}   analysis: {Path(out) / 'analysis' / 'report.html'}")
 
-    result = demo(args.out, epochs=args.epochs, probe_epochs=args.probe_epochs, progress=not args.quiet)
-    _print_result(result, Path(args.out) / "analysis")
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from compress.recipes import load_recipe
+    from compress.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or str(Path("runs") / recipe.name)
+    _print_run(run_recipe(recipe, out, progress=not args.quiet), out)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from importlib.resources import files
+
+    from compress.recipes import load_recipe
+    from compress.runner import run_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "digits-demo.yaml"
+        path.write_text(files("compress").joinpath("demo_recipe.yaml").read_text())
+        recipe = load_recipe(path, args.set)
+    _print_run(run_recipe(recipe, args.out, progress=not args.quiet), args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,12 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"compress {__version__}")
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("demo", help="train a small VGG-16 on the digits, analyse it, write the report")
+    p = sub.add_parser("demo", help="the main job on the embedded digits: train, analyse, compress, export, benchmark")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run a compression recipe (YAML): analyse, compress, fine-tune, export, bench")
+    p.add_argument("recipe", help="recipe file, e.g. recipes/digits-demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set model.train.epochs=2 --set steps.0.trim.tap=last")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", help="phase 1: train a model, a checkpoint each epoch, resumable")
     _add_model(p)
@@ -197,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and report.html again from a run folder")
     p.add_argument("run", help="folder holding analysis.json")
     p.set_defaults(func=_cmd_report)
+    add_deploy_commands(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ from compress.models import create_model, resolve_taps
 from compress.models.serialize import save_model
 from compress.training import CHECKPOINT, TrainConfig, default_device, evaluate, fit, read_meta
 
-__all__ = ["ModelSpec", "DataSpec", "build_model", "train", "analyze", "demo"]
+__all__ = ["ModelSpec", "DataSpec", "build_model", "model_meta", "train", "analyze"]
 
 
 @dataclass(frozen=True)
@@ -141,16 +141,3 @@ def analyze(model_spec: ModelSpec, data_spec: DataSpec, cfg: AnalysisConfig, out
 
         write_report(result, out)
     return result
-
-
-def demo(out: str | Path = "runs/demo", *, epochs: int = 12, probe_epochs: int = 100,
-         progress: bool = True) -> AnalysisResult:
-    """The main job on the embedded digits: train a small VGG-16, analyse it, write the report."""
-    out = Path(out)
-    model_spec = ModelSpec("vgg16", {"width": 0.25, "batch_norm": True, "fc_hidden": []})
-    data_spec = DataSpec("digits")
-    cfg = TrainConfig(epochs=epochs, lr=0.02, momentum=0.9, weight_decay=5e-4, schedule="cosine")
-    model, _, bundle = train(model_spec, data_spec, cfg, out / "train", progress=progress)
-    spec = ModelSpec(model_spec.name, model_spec.options, str(out / "train" / CHECKPOINT))
-    return analyze(spec, data_spec, AnalysisConfig(probe_epochs=probe_epochs), out / "analysis", model=model,
-                   bundle=bundle, progress=progress)

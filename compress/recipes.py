@@ -54,12 +54,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own error is the precise one
+            return _convert(value, arms[0], where)
+        for arg in arms:
             try:
                 return _convert(value, arg, where)
-            except UserError as e:
-                errors.append(e)
+            except UserError:
+                pass
         raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -226,12 +231,20 @@ class AfccOptions:
 @register_step_options("dilute")
 @dataclass(frozen=True)
 class DiluteOptions:
-    """Remove filters of a conv layer while every label stays in at least ``min_coverage`` clusters."""
+    """Remove filters of a conv layer while every label stays in at least ``min_coverage`` clusters.
+
+    ``target``: filters to keep, as a count (``350``), a fraction of the layer (``0.7``), or
+    ``auto`` (the fewest filters that keep every label covered ``min_coverage`` times).
+    """
 
     layer: str | None = None
     tap: str = "plateau"
-    target: int | Literal["auto"] = "auto"
+    target: int | float | Literal["auto"] = "auto"
     min_coverage: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, float) and not 0 < self.target < 1:
+            raise UserError(f"dilute.target {self.target} must be a count, a fraction in (0, 1) or 'auto'")
 
 
 @register_step_options("export")

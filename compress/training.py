@@ -71,6 +71,17 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _train_mode(model: nn.Module) -> None:
+    """Training mode, except batch-norm layers whose parameters are frozen: their running
+    statistics stay as they are, so fine-tuning a head alone leaves the trunk unchanged."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters())
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
 def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
@@ -136,7 +147,7 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(cfg, epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        model.train()
+        _train_mode(model)
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         batches = iterate_batches(bundle, bundle.train, cfg.batch_size, shuffle=True, augmented=cfg.augment,
                                   generator=gen, device=device)

@@ -49,7 +49,7 @@ class AnalysisConfig:
     feature_dtype: str = "float32"
     max_memory_gb: float = 4.0
     cache_dir: str | None = None
-    batch_size: int = 500
+    batch_size: int = 100
     seed: int = 0
 
     def __post_init__(self) -> None:

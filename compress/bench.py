@@ -1,0 +1,445 @@
+"""The benchmark: parameters and FLOPs (fvcore), latency with onnxruntime and PyTorch eager
+(warm-up, repeats, median and p90, throughput, models timed interleaved in one process), test
+accuracy of the exported ONNX model, and the environment every figure was taken in."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from compress._version import __version__
+from compress.data import DataBundle
+from compress.errors import UserError
+from compress.export import check_data_fits, export_and_verify, load_onnx, onnx_metadata
+from compress.io import atomic_write_text, ensure_writable_dir
+from compress.predict import normalize_pixels, open_session, read_deploy_meta
+
+__all__ = ["BACKENDS", "LatencyStats", "Candidate", "BenchResult", "count_params", "count_flops",
+           "measure_latency", "time_interleaved", "torch_runner", "ort_runner", "available_backends",
+           "read_model_file_meta", "load_candidates", "onnx_accuracy", "environment", "run_bench", "load_bench"]
+
+BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
+GENERIC_NAMES = {"model", "checkpoint", "best", "last"}
+# no busy-waiting of idle onnxruntime workers: in interleaved timing they would steal the cores of the
+# model timed next
+ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+ModelRef = Union[str, os.PathLike, tuple]  # a file, or an in-memory ``(name, model, meta)``
+
+
+@dataclass
+class LatencyStats:
+    """Wall-clock times of one call (one batch), in milliseconds."""
+
+    batch: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    repeats: int
+    throughput: float  # images per second at the median
+
+    @classmethod
+    def from_samples(cls, batch: int, samples_s: Sequence[float]) -> "LatencyStats":
+        ms = np.asarray(samples_s, dtype=np.float64) * 1e3
+        median = float(np.median(ms))
+        return cls(batch, median, float(np.percentile(ms, 90)), float(ms.mean()), float(ms.min()), len(ms),
+                   batch / (median / 1e3) if median > 0 else float("inf"))
+
+
+@dataclass
+class Candidate:
+    """One model under test: its ONNX file, and its PyTorch model when it came from a model file."""
+
+    name: str
+    source: str
+    onnx_path: str
+    meta: dict[str, Any]
+    params: int
+    flops: int | None
+    file_size: int
+    model: nn.Module | None = field(default=None, repr=False)
+    export_check: dict[str, Any] | None = None
+
+
+@dataclass
+class BenchResult:
+    """Everything ``compress bench`` measured; ``models[0]`` is the original the ratios refer to."""
+
+    models: list[dict[str, Any]]
+    settings: dict[str, Any]
+    environment: dict[str, str]
+
+    def ratio(self, index: int, key: str, backend: str | None = None, batch: int | None = None) -> float | None:
+        """``models[index]``'s value of ``key`` over the original's (latency: median of backend/batch)."""
+        a, b = (_value(m, key, backend, batch) for m in (self.models[index], self.models[0]))
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def save(self, folder: str | Path) -> Path:
+        return atomic_write_text(Path(folder) / "bench.json", json.dumps(asdict(self), indent=2))
+
+
+def _value(entry: dict[str, Any], key: str, backend: str | None, batch: int | None) -> float | None:
+    if key == "latency":
+        stats = entry.get("latency", {}).get(backend, {}).get(str(batch))
+        return None if stats is None else stats["median_ms"]
+    v = entry.get(key)
+    return None if v is None else float(v)
+
+
+def load_bench(folder: str | Path) -> BenchResult:
+    path = Path(folder) / "bench.json"
+    if not path.is_file():
+        raise UserError(f"{str(folder)!r} holds no bench.json; run `compress bench` first")
+    return BenchResult(**json.loads(path.read_text()))
+
+
+# ----------------------------------------------------------------------------- size and FLOPs
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
+    """FLOPs of one image as fvcore counts them (one multiply-add is one FLOP)."""
+    device = next(iter(model.parameters())).device
+    was_training = model.training
+    model.eval()
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation notices from fvcore's jit trace
+            from fvcore.nn import FlopCountAnalysis
+
+            analysis = FlopCountAnalysis(model, torch.zeros(1, *input_size, device=device))
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            return int(analysis.total())
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, batch: int, warmup: int = 10,
+                     repeats: int = 50) -> dict[str, LatencyStats]:
+    """Time several callables in one process, interleaved: each round calls every one once, in a
+    rotating order, so drifts (clock boost, heat, other load) hit all of them alike.
+
+    Args:
+        fns: name -> a callable that runs one batch and returns when its work is done.
+        batch: images per call (for the throughput).
+        warmup: untimed calls of each before the first round.
+        repeats: timed rounds.
+    """
+    if repeats < 1 or warmup < 0:
+        raise UserError(f"repeats must be at least 1 and warm-up at least 0 (got {repeats}, {warmup})")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return {n: LatencyStats.from_samples(batch, s) for n, s in samples.items()}
+
+
+def measure_latency(fn: Callable[[], Any], *, batch: int, warmup: int = 10, repeats: int = 50) -> LatencyStats:
+    """Latency of one callable (see :func:`torch_runner` and :func:`ort_runner` to build one)."""
+    return time_interleaved({"fn": fn}, batch=batch, warmup=warmup, repeats=repeats)["fn"]
+
+
+def torch_runner(model: nn.Module, input_size: Sequence[int], batch: int, device: str = "cpu") -> Callable[[], Any]:
+    """A callable running ``model`` on one batch under ``torch.inference_mode`` (CUDA: synchronised)."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0)).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode():
+            out = model(x)
+        sync()
+        return out
+
+    return run
+
+
+def ort_runner(session, input_size: Sequence[int], batch: int, device: str = "cpu") -> Callable[[], Any]:
+    """A callable running an onnxruntime session on one batch; on CUDA, inputs and outputs stay on the
+    GPU (I/O binding), as PyTorch's do."""
+    x = np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
+    name, out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    if device == "cuda":
+        import onnxruntime as ort
+
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        binding.bind_output(out, "cuda")
+        return lambda: session.run_with_iobinding(binding)
+    return lambda: session.run([out], {name: x})
+
+
+def available_backends() -> list[str]:
+    """The backends this machine can time: ONNX Runtime and PyTorch on CPU, and on CUDA where present."""
+    import onnxruntime as ort
+
+    found = ["ort-cpu", "torch-cpu"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        found.insert(1, "ort-cuda")
+    if torch.cuda.is_available():
+        found.append("torch-cuda")
+    return found
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _names(models: Sequence[Any], names: Sequence[str] | None) -> list[str]:
+    if names:
+        if len(names) != len(models) or len(set(names)) != len(names):
+            raise UserError(f"--names needs {len(models)} distinct names, one per model (got {list(names)})")
+        return list(names)
+    out: list[str] = []
+    for item in models:
+        if isinstance(item, tuple):
+            base = str(item[0])
+        else:
+            path = Path(item)
+            base = path.parent.name if path.stem in GENERIC_NAMES and path.parent.name else path.stem
+        name, i = base, 2
+        while name in out:
+            name, i = f"{base}_{i}", i + 1
+        out.append(name)
+    return out
+
+
+def _meta_from_onnx(props: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"model": props.get("model", ""), "dataset": props.get("dataset", "")}
+    for key in ("input_size", "label_names", "mean", "std"):
+        if key in props:
+            meta[key] = json.loads(props[key])
+    if "label_names" in meta:
+        meta["num_classes"] = len(meta["label_names"])
+    return meta
+
+
+def read_model_file_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a model file / checkpoint, or the one an ONNX file carries (same keys)."""
+    if str(path).lower().endswith(".onnx"):
+        return _meta_from_onnx(onnx_metadata(load_onnx(path)))
+    from compress.models.serialize import read_model_meta
+
+    return read_model_meta(path)
+
+
+def load_candidates(models: Sequence[ModelRef], workdir: str | Path, *, names: Sequence[str] | None = None,
+                    verify_data: DataBundle | None = None, tol: float = 1e-3) -> list[Candidate]:
+    """Load each model: model files and in-memory ``(name, model, meta)`` tuples are exported to
+    ``workdir/onnx/<name>.onnx`` (and verified on ``verify_data`` when given); ONNX files are
+    checked and used as they are.
+    """
+    from compress.models.serialize import load_model
+
+    if not models:
+        raise UserError("give at least one model (a model file, checkpoint or ONNX file)")
+    out: list[Candidate] = []
+    for name, item in zip(_names(models, names), models):
+        if isinstance(item, tuple):
+            out.append(_exported(name, f"<in memory: {item[0]}>", item[1], item[2], workdir, verify_data, tol))
+        elif str(item).lower().endswith(".onnx"):
+            proto = load_onnx(item)
+            props = onnx_metadata(proto)
+            params = int(props["params"]) if "params" in props else sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+            flops = int(props["flops"]) if "flops" in props else None
+            out.append(Candidate(name, str(item), str(item), _meta_from_onnx(props), params, flops,
+                                 os.path.getsize(item)))
+        else:
+            model, meta = load_model(item)
+            out.append(_exported(name, str(item), model, meta, workdir, verify_data, tol))
+    return out
+
+
+def _exported(name: str, source: str, model: nn.Module, meta: dict[str, Any], workdir: str | Path,
+              verify_data: DataBundle | None, tol: float) -> Candidate:
+    params, flops = count_params(model), count_flops(model, meta["input_size"])
+    data = verify_data if verify_data is not None else torch.zeros(2, *meta["input_size"])
+    check = export_and_verify(model, meta, Path(workdir) / "onnx" / f"{name}.onnx", data, tol=tol, max_samples=64,
+                              extra_meta={"params": params, "flops": flops})
+    return Candidate(name, source, check["path"], meta, params, flops, check["file_size"], model,
+                     {k: check[k] for k in ("samples", "max_abs_diff", "argmax_agreement")})
+
+
+def onnx_accuracy(onnx_path: str | os.PathLike, bundle: DataBundle, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of an ONNX model on ``bundle.test``, fed exactly as its metadata says."""
+    sess = open_session(onnx_path, "cpu")
+    meta = read_deploy_meta(sess, onnx_path)
+    if list(meta.input_size) != list(bundle.input_size):
+        raise UserError(f"ONNX model {str(onnx_path)!r} expects inputs of {'x'.join(map(str, meta.input_size))} "
+                        f"but the data {bundle.name!r} gives {'x'.join(map(str, bundle.input_size))}")
+    if meta.num_classes != bundle.num_classes:
+        raise UserError(f"ONNX model {str(onnx_path)!r} has {meta.num_classes} classes but the data "
+                        f"{bundle.name!r} has {bundle.num_classes} labels")
+    batch_size = meta.fixed_batch or batch_size
+    images, labels = bundle.test.images.numpy(), bundle.test.labels.numpy()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = normalize_pixels(images[start:start + batch_size], meta)
+        n = len(x)
+        if meta.fixed_batch and n < meta.fixed_batch:
+            x = np.concatenate([x, np.zeros((meta.fixed_batch - n, *x.shape[1:]), np.float32)])
+        logits = sess.run([meta.output_name], {meta.input_name: x})[0][:n]
+        correct += int((logits.argmax(1) == labels[start:start + n]).sum())
+    return correct / max(1, len(labels))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None = None) -> dict[str, str]:
+    """CPU model, thread counts, load average, GPU, library versions and ONNX Runtime providers."""
+    import fvcore  # noqa: F401
+    import onnx
+    import onnxruntime as ort
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "-"
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    return {
+        "cpu": _cpu_model(), "cpu_count": str(os.cpu_count()), "cpu_affinity": str(affinity),
+        "load_average": load,  # 1, 5, 15 min, after timing: other work on a shared machine shows here
+        "torch_threads": str(torch.get_num_threads()),
+        "ort_threads": str(threads) if threads else "onnxruntime default",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "platform": platform.platform(), "python": platform.python_version(), "compress": __version__,
+        "torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+        "onnxruntime_package": "onnxruntime-gpu" if ver("onnxruntime-gpu") != "-" else "onnxruntime",
+        "ort_providers": ",".join(ort.get_available_providers()), "numpy": np.__version__, "fvcore": ver("fvcore"),
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _time_backend(cands: list[Candidate], backend: str, batch_sizes: Sequence[int], warmup: int, repeats: int,
+                  threads: int | None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model name: {batch: stats}}`` for one backend; models it cannot run are left out."""
+    engine, device = backend.split("-")
+    runners: dict[str, Callable[[int], Callable[[], Any]]] = {}
+    for c in cands:
+        size = c.meta["input_size"]
+        if engine == "torch":
+            if c.model is not None:
+                runners[c.name] = lambda b, c=c, size=size: torch_runner(c.model, size, b, device)
+        else:
+            sess = open_session(c.onnx_path, device, threads, ORT_CONFIG)
+            fixed = sess.get_inputs()[0].shape[0]
+            runners[c.name] = lambda b, s=sess, size=size, f=fixed: (
+                ort_runner(s, size, b, device) if not isinstance(f, int) or f == b else None)
+    out: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in runners}
+    for b in batch_sizes:
+        fns = {n: make(b) for n, make in runners.items()}
+        stats = time_interleaved({n: f for n, f in fns.items() if f is not None}, batch=b, warmup=warmup,
+                                 repeats=repeats)
+        for n, s in stats.items():
+            out[n][str(b)] = asdict(s)
+    if engine == "torch":
+        for c in cands:
+            if c.model is not None:
+                c.model.to("cpu")
+    return {n: v for n, v in out.items() if v}
+
+
+def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *,
+              names: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1, 64), warmup: int = 10,
+              repeats: int = 50, backends: Sequence[str] | None = None, threads: int | None = None,
+              tol: float = 1e-3) -> BenchResult:
+    """Measure every model and write ``bench.json`` and the report under ``out``.
+
+    Args:
+        models: model files / checkpoints (exported to ONNX first), ONNX files, or in-memory
+            ``(name, model, meta)`` tuples; the first is the original the ratios refer to.
+        bundle: the test data (all models must fit it).
+        out: the output folder.
+        names: one display name per model (default: the run folder or the file stem).
+        batch_sizes: batches timed.
+        warmup: untimed calls per model, backend and batch before timing.
+        repeats: timed interleaved rounds.
+        backends: subset of :data:`BACKENDS` (default: all this machine has).
+        threads: CPU threads of PyTorch and onnxruntime (default: PyTorch's current count for both).
+        tol: export verification tolerance.
+    """
+    from compress.bench_report import write_bench_report
+
+    out = ensure_writable_dir(out)
+    have = available_backends()
+    backends = list(backends or have)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        from compress.errors import unknown_name
+
+        raise unknown_name("backend", unknown[0], BACKENDS)
+    missing = [b for b in backends if b not in have]
+    if missing:
+        raise UserError(f"backend {missing[0]!r} is not available here (available: {', '.join(have)})")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UserError(f"batch sizes must be positive integers (got {list(batch_sizes)})")
+    cands = load_candidates(models, out, names=names, verify_data=bundle, tol=tol)
+    for c in cands:
+        check_data_fits(c.meta, bundle, f"model {c.name!r}")
+    before = torch.get_num_threads()
+    threads = threads or before
+    latency: dict[str, dict[str, Any]] = {c.name: {} for c in cands}
+    torch.set_num_threads(threads)
+    try:
+        for backend in backends:
+            for name, per_batch in _time_backend(cands, backend, batch_sizes, warmup, repeats, threads).items():
+                latency[name][backend] = per_batch
+        env = environment(threads)
+    finally:
+        torch.set_num_threads(before)
+    models = []
+    for c in cands:
+        models.append({"name": c.name, "source": c.source, "onnx": c.onnx_path, "model": c.meta.get("model", ""),
+                       "params": c.params, "flops": c.flops, "file_size": c.file_size,
+                       "accuracy": onnx_accuracy(c.onnx_path, bundle), "latency": latency[c.name],
+                       "export_check": c.export_check})
+    settings = {"batch_sizes": [int(b) for b in batch_sizes], "warmup": warmup, "repeats": repeats,
+                "backends": backends, "threads": threads, "data": bundle.name, "test_samples": len(bundle.test),
+                "timing": "interleaved rounds in one process, rotating order; PyTorch under inference_mode; "
+                          "onnxruntime without thread spinning",
+                "flops": "fvcore, one image, one multiply-add = 1 FLOP"}
+    result = BenchResult(models, settings, env)
+    result.save(out)
+    write_bench_report(result, out)
+    return result

@@ -1,0 +1,85 @@
+"""A whole recipe on the digits: trim, dilute, AFCC, fine-tune, export, bench, one run folder."""
+
+import json
+
+import pytest
+import torch
+
+from compress.analysis import AnalysisConfig, analyze_model
+from compress.cli import main
+from compress.compression.trim import trim_at
+from compress.models.serialize import load_model
+from compress.training import TrainConfig, evaluate, fit
+
+from conftest import tiny_vgg
+
+
+def test_trim_reproduces_probe_accuracy(small_digits, tmp_path):
+    model = tiny_vgg()
+    fit(model, small_digits, TrainConfig(epochs=2, lr=0.05, momentum=0.9), tmp_path, progress=False)
+    result = analyze_model(model, small_digits, ["features.pool3", "features.pool5"], AnalysisConfig(probe_epochs=5),
+                           progress=False)
+    tap = result.tap("features.pool3")
+    trim_at(model, "features.pool3", torch.as_tensor(tap.probe_weight))
+    assert list(model.features._modules)[-1] == "pool3"  # the model ends at the tap
+    assert list(model.head._modules) == ["out"] and model.head.out.bias is None
+    assert abs(evaluate(model, small_digits) - tap.accuracy) <= 1 / len(small_digits.test)
+
+
+RECIPE = """
+name: tiny
+model:
+  name: vgg6
+  options: {width: 0.25, fc_hidden: []}
+  train: {epochs: 3, lr: 0.03, momentum: 0.9, weight_decay: 5.0e-4}
+data: {name: digits, limit_train: 500, limit_test: 200}
+analysis: {probe_epochs: 8}
+steps:
+  - trim: {tap: plateau}
+  - dilute: {tap: plateau, target: 0.6, min_coverage: 1}
+  - afcc: {tap: plateau, train: head, finetune: {epochs: 1, lr: 0.002}, sparse: false}
+  - finetune: {epochs: 1, lr: 0.002}
+  - export: {}
+  - bench: {batch_sizes: [1, 4], warmup: 1, repeats: 3, torch_eager: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    (folder / "tiny.yaml").write_text(RECIPE)
+    assert main(["run", str(folder / "tiny.yaml"), "--out", str(folder / "out"), "--quiet"]) == 0
+    return folder / "out"
+
+
+def test_run_folder_holds_everything(run):
+    for name in ("recipe.yaml", "summary.json", "report.md", "report.html", "model.pt", "model.onnx",
+                 "analysis/analysis.json", "analysis/report.html", "bench/bench.json"):
+        assert (run / name).is_file(), name
+    steps = sorted(p.name for p in (run / "steps").iterdir())
+    assert steps == ["00-original", "01-trim", "02-dilute", "03-afcc", "04-finetune"]
+    summary = json.loads((run / "summary.json").read_text())
+    names = [s["step"] for s in summary["steps"]]
+    assert names == ["original", "trim", "dilute", "afcc", "finetune", "export", "bench"]
+    for s in summary["steps"][1:5]:  # every structural step reports before and after
+        assert {"params", "nonzero_params", "flops", "accuracy"} <= set(s["before"]) == set(s["after"])
+    orig, final = summary["steps"][0]["after"], summary["steps"][4]["after"]
+    assert final["flops"] < orig["flops"] and final["params"] < orig["params"]
+    assert "speedup_ort-cpu_b1" in summary["steps"][6]["info"]
+
+
+def test_afcc_masks_survive_finetuning(run):
+    """The AFCC head kept its zeros through its own and the later fine-tuning (dense mode)."""
+    summary = json.loads((run / "summary.json").read_text())
+    afcc = summary["steps"][3]["info"]
+    model, _ = load_model(run / "steps" / "04-finetune" / "model.pt")
+    head = model.head.out.weight
+    assert int((head != 0).sum()) == afcc["kept_weights"]
+    assert afcc["kept_weights"] < afcc["dense_weights"]
+
+
+def test_saved_models_replay(run):
+    model, meta = load_model(run / "model.pt")
+    x = torch.zeros(2, *meta["input_size"])
+    assert model(x).shape == (2, 10)
+    assert [t["kind"] for t in meta["transforms"]] == ["trim", "prune"]
