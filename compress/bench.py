@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ GENERIC_NAMES = {"model", "checkpoint", "best", "last"}
 # no busy-waiting of idle onnxruntime workers: in interleaved timing they would steal the cores of the
 # model timed next
 ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
-ModelRef = Union[str, os.PathLike, tuple]  # a file, or an in-memory ``(name, model, meta)``
+ModelRef = str | os.PathLike | tuple  # a file, or an in-memory ``(name, model, meta)``
 
 
 @dataclass

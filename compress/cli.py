@@ -141,6 +141,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from compress.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        from compress.runner import dry_run
+
+        plan = dry_run(recipe)
+        print(f"recipe {recipe.name!r} is valid: {plan['model']} ({plan['params']:,} parameters, input "
+              f"{'x'.join(map(str, plan['input_size']))}) took a training step on the CPU; steps: "
+              f"{' -> '.join(plan['steps'])}")
+        return
     out = args.out or str(Path("runs") / recipe.name)
     _print_run(run_recipe(recipe, out, progress=not args.quiet), out)
 
@@ -178,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set model.train.epochs=2 --set steps.0.trim.tap=last")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, build the model and take one training step on random data, then stop")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
 

@@ -53,6 +53,7 @@ class DataBundle:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     meta: dict = field(default_factory=dict)
+    resize_to: int | None = None  # upscale batches on the fly (e.g. CIFAR 32 -> 224) instead of storing them large
 
     @property
     def num_classes(self) -> int:
@@ -60,13 +61,17 @@ class DataBundle:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        c, h, w = self.train.images.shape[1:]
+        return (c, self.resize_to, self.resize_to) if self.resize_to else (c, h, w)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) on any device -> float normalised batch."""
+        """uint8 (B, C, H, W) on any device -> float normalised batch (resized when ``resize_to`` is set)."""
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        x = x.float()
+        if self.resize_to and x.shape[-1] != self.resize_to:
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bicubic", align_corners=False).clamp(0, 255)
+        return (x / 255.0 - mean) / std
 
 
 _DATASETS: dict[str, Callable[..., DataBundle]] = {}
@@ -227,7 +232,8 @@ def _apply(split: ImageSet, keep: list[int] | None, limit: int | None, seed: int
 
 def load_data(name: str, *, root: str | os.PathLike | None = None, download: bool = False,
               num_labels: int | None = None, label_seed: int = 0, image_size: int | None = None,
-              limit_train: int | None = None, limit_test: int | None = None, seed: int = 0) -> DataBundle:
+              limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
+              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> DataBundle:
     """Load a dataset by name.
 
     Args:
@@ -236,10 +242,13 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         download: let torchvision download CIFAR (never done unless asked).
         num_labels: keep a nested subset of K labels, remapped to 0..K-1 (CIFAR-K).
         label_seed: seed of the nested label order.
-        image_size: resize image-folder images to this square size.
+        image_size: square input size: image folders are resized when read, the other data
+            sets batch by batch (CIFAR upscaled to 224 for ImageNet models stays small in memory).
         limit_train: keep a random subset of this many training images (quick runs, tests).
         limit_test: the same for the test split.
         seed: seed of the subsets and of the digits split.
+        mean: per-channel mean of the normalisation (default 0.5: the papers' [-1, 1] scaling).
+        std: per-channel standard deviation (default 0.5).
     """
     if name.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
@@ -262,7 +271,14 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         raise unknown_name("dataset", name, list_datasets())
     if len(bundle.train) == 0 or len(bundle.test) == 0:
         raise UserError(f"dataset {name!r} has an empty train or test split")
-    return bundle
+    if image_size is not None and bundle.train.images.shape[-1] != image_size:
+        bundle = replace(bundle, resize_to=image_size)
+    for label, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) != bundle.input_size[0]:
+            raise UserError(f"{label} needs {bundle.input_size[0]} values (one per channel), got {list(values)}")
+    if std is not None and min(std) <= 0:
+        raise UserError(f"std values must be positive, got {list(std)}")
+    return replace(bundle, mean=tuple(mean or bundle.mean), std=tuple(std or bundle.std))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:

@@ -211,7 +211,7 @@ def verify_onnx(onnx_path: str | os.PathLike, model: nn.Module, data: DataBundle
     top2 = np.sort(ref_a, axis=1)[:, -2:] if ref_a.shape[1] > 1 else np.zeros((len(ref_a), 2))
     clear = (top2[:, 1] - top2[:, 0]) > 2 * tol  # a flip there is not explained by the tolerance
     bad_flips = int((~agree & clear).sum())
-    result = {"samples": int(len(ref_a)), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+    result = {"samples": len(ref_a), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
               "argmax_agreement": float(agree.mean()), "argmax_disagreements": int((~agree).sum()),
               "tolerance": float(tol)}
     result["passed"] = bool(result["max_abs_diff"] <= tol and bad_flips == 0 and np.isfinite(diff).all())

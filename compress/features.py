@@ -101,3 +101,25 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
                 pass
             offset += x.shape[0]
     return FeatureCache(feats, split.labels.clone(), on_disk=on_disk, folder=folder)
+
+
+@torch.inference_mode()
+def extract_inputs(model: nn.Module, bundle: DataBundle, split: ImageSet, module: str, *, batch_size: int = 100,
+                   device: torch.device | None = None) -> FeatureCache:
+    """What ``module`` (e.g. a classifier) receives for every image of ``split``, flattened to (N, D, 1, 1).
+
+    The cache is keyed by ``module``; used to analyse a model's own head, whatever pools or
+    flattens before it.
+    """
+    device = device or next(model.parameters()).device
+    model.eval()
+    target = model.get_submodule(module)
+    chunks: list[torch.Tensor] = []
+    handle = target.register_forward_pre_hook(lambda _m, args: chunks.append(args[0].detach().flatten(1).cpu()))
+    try:
+        for x, _ in iterate_batches(bundle, split, batch_size, device=device):
+            model(x)
+    finally:
+        handle.remove()
+    feats = torch.cat(chunks)
+    return FeatureCache({module: feats.view(len(feats), -1, 1, 1)}, split.labels.clone())

@@ -44,11 +44,13 @@ class DataSpec:
     image_size: int | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
     def load(self) -> DataBundle:
         return load_data(self.name, root=self.root, download=self.download, num_labels=self.num_labels,
                          label_seed=self.label_seed, image_size=self.image_size, limit_train=self.limit_train,
-                         limit_test=self.limit_test)
+                         limit_test=self.limit_test, mean=self.mean, std=self.std)
 
 
 def environment() -> dict[str, str]:

@@ -165,6 +165,8 @@ class DataSection:
     image_size: int | None = None
     limit_train: int | None = None
     limit_test: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -220,9 +222,15 @@ class TrimOptions:
 @register_step_options("afcc")
 @dataclass(frozen=True)
 class AfccOptions:
-    """Keep only each filter's connections to its cluster labels in the head fed by ``tap``."""
+    """Keep only each filter's connections to its cluster labels in the model's linear head.
+
+    For the own VGGs the head is ``head.out`` right after ``tap`` (the network is trimmed there
+    first when needed, the tap's probe becoming the head). For other models name the
+    classifier with ``head`` (e.g. ``classifier``): its inputs after global pooling are the filters.
+    """
 
     tap: str = "last"
+    head: str | None = None
     train: Literal["head", "head+stage", "all", "none"] = "head"
     finetune: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=3, lr=0.001))
     sparse: bool = True
@@ -245,6 +253,16 @@ class DiluteOptions:
     def __post_init__(self) -> None:
         if isinstance(self.target, float) and not 0 < self.target < 1:
             raise UserError(f"dilute.target {self.target} must be a count, a fraction in (0, 1) or 'auto'")
+
+
+@register_step_options("remove_blocks")
+@dataclass(frozen=True)
+class RemoveBlocksOptions:
+    """Keep the first blocks of stages (``keep: {blocks.1: 1}``, or ``auto`` for the stages the
+    plateau says add nothing) and drop layers (``drop: [conv_head, bn2]``, the classifier is resized)."""
+
+    keep: dict[str, int] | Literal["auto"] = field(default_factory=dict)
+    drop: list[str] = field(default_factory=list)
 
 
 @register_step_options("export")
@@ -342,6 +360,9 @@ def _check_taps(recipe: Recipe) -> None:
             value = getattr(step.options, attr, None)
             if value is not None and value not in ("plateau", "last"):
                 names.append(value)
+        keep = getattr(step.options, "keep", None)
+        names += list(keep) if isinstance(keep, dict) else []
+        names += list(getattr(step.options, "drop", []))
     import fnmatch
 
     for n in names:

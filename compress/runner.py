@@ -35,7 +35,7 @@ from compress.pipeline import DataSpec, ModelSpec, analyze, build_model, environ
 from compress.recipes import ExportOptions, Recipe, TrimOptions
 from compress.training import default_device, evaluate, fit
 
-__all__ = ["RunState", "run_recipe", "register_step", "measure"]
+__all__ = ["RunState", "run_recipe", "dry_run", "register_step", "measure"]
 
 StepFn = Callable[["RunState", Any, Path], dict[str, Any]]
 _STEPS: dict[str, StepFn] = {}
@@ -172,6 +172,29 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dic
     return json.loads((out / "summary.json").read_text())
 
 
+def dry_run(recipe: Recipe) -> dict[str, Any]:
+    """Check that a recipe starts: build its model on the CPU (random weights, nothing downloaded)
+    and take one training step on a random batch of its input size; no data is read.
+
+    Returns:
+        ``{"model", "params", "input_size", "loss", "steps"}``.
+    """
+    from compress.models import create_model
+
+    m, d = recipe.model, recipe.data
+    size = d.image_size or 32
+    model = create_model(m.name, num_classes=d.num_labels or (100 if d.name == "cifar100" else 10), img_size=size,
+                         **m.options)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=m.train.lr if m.train else 0.01, momentum=0.9)
+    x = torch.randn(2, 3, size, size)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    opt.step()
+    return {"model": m.name, "params": sum(p.numel() for p in model.parameters()), "input_size": [3, size, size],
+            "loss": float(loss), "steps": [s.name for s in recipe.steps]}
+
+
 def _resolved(recipe: Recipe) -> dict[str, Any]:
     doc = {"name": recipe.name, "model": dataclasses.asdict(recipe.model), "data": dataclasses.asdict(recipe.data),
            "analysis": dataclasses.asdict(recipe.analysis),
@@ -224,32 +247,41 @@ def _head_fed_by(model: nn.Module, tap: str) -> bool:
 @register_step("afcc")
 def _step_afcc(state: RunState, opts, folder: Path) -> dict[str, Any]:
     from compress.compression.afcc import afcc_mask, afcc_report, apply_mask, compress_head, select_trainable
+    from compress.features import extract_inputs
 
-    tap = state.resolve_tap(opts.tap)
-    info: dict[str, Any] = {"tap": tap}
-    if not _head_fed_by(state.model, tap):
-        info["trimmed"] = _step_trim(state, TrimOptions(tap=tap), folder)
-    head = state.model.head.out
-    if not isinstance(head, nn.Linear):
-        raise UserError(f"the head after {tap!r} is already compressed ({type(head).__name__}); AFCC runs once per head")
-    # Clusters of the head actually in place (the probe after a trim, or the trained head).
-    cache = extract_features(state.model, state.bundle, state.bundle.test, [tap], progress=False)
     cfg = state.analysis_config
-    current = analyze_tap(tap, head.weight.detach().cpu(), cache, state.bundle.num_classes, cfg.threshold)
+    k = state.bundle.num_classes
+    info: dict[str, Any] = {}
+    if opts.head is None and hasattr(state.model, "head"):  # own VGGs: the head right after a tap
+        tap = state.resolve_tap(opts.tap)
+        info["tap"] = tap
+        if not _head_fed_by(state.model, tap):
+            info["trimmed"] = _step_trim(state, TrimOptions(tap=tap), folder)
+        head_path = "head.out"
+        cache = extract_features(state.model, state.bundle, state.bundle.test, [tap], progress=False)
+    else:  # any model: the classifier's own inputs (after global pooling), one position per filter
+        head_path = opts.head or next(n for n, m in state.model.named_modules() if m is state.model.get_classifier())
+        tap = head_path
+        cache = extract_inputs(state.model, state.bundle, state.bundle.test, head_path)
+    head = state.model.get_submodule(head_path)
+    if not isinstance(head, nn.Linear):
+        raise UserError(f"{head_path!r} is a {type(head).__name__}, not an nn.Linear; AFCC runs once per linear head")
+    # Clusters of the head actually in place (the probe after a trim, or the trained classifier).
+    current = analyze_tap(tap, head.weight.detach().cpu(), cache, k, cfg.threshold)
     mask = afcc_mask(current.cluster_ids, current.spatial)
     apply_mask(head, mask)
-    state.masks["head.out"] = mask
+    state.masks[head_path] = mask
     info.update(afcc_report(mask, current))
     info["accuracy_masked"] = evaluate(state.model, state.bundle)
     if opts.train != "none":
         if opts.train == "head":
-            select_trainable(state.model, ["head"])
+            select_trainable(state.model, [head_path])
         elif opts.train == "head+stage":
-            select_trainable(state.model, ["head", *_last_stage(state.model, tap)])
+            select_trainable(state.model, [head_path, *_last_stage(state.model, tap)])
         info["finetune"] = _finetune(state, opts.finetune, folder)
     if opts.sparse:
-        compress_head(state.model, "head.out", mask, current.spatial)
-        del state.masks["head.out"]
+        compress_head(state.model, head_path, mask, current.spatial)
+        del state.masks[head_path]
     return info
 
 
@@ -285,6 +317,24 @@ def _step_dilute(state: RunState, opts, folder: Path) -> dict[str, Any]:
     pos = names.index(layer)
     state.stale |= {t.name for t in state.analysis.taps if names.index(t.name) > pos}
     return info
+
+
+@register_step("remove_blocks")
+def _step_remove_blocks(state: RunState, opts, folder: Path) -> dict[str, Any]:
+    from compress.compression.blocks import drop_layers, list_stages, plateau_stages, remove_blocks
+
+    size = state.bundle.input_size
+    before = list_stages(state.model)
+    keep = plateau_stages(state.model, state.analysis) if opts.keep == "auto" else dict(opts.keep)
+    if keep:
+        remove_blocks(state.model, keep, size)
+    if opts.drop:
+        drop_layers(state.model, opts.drop, size)
+    names = [n for n, _ in state.model.named_modules()]
+    state.stale |= {t.name for t in state.analysis.taps}  # block indices and widths may have moved
+    state.analysis.taps = [t for t in state.analysis.taps if t.name in names]
+    return {"stages_before": before, "kept_blocks": keep, "dropped": list(opts.drop),
+            "stages_after": list_stages(state.model), "accuracy_before_finetune": evaluate(state.model, state.bundle)}
 
 
 @register_step("export")

@@ -76,7 +76,7 @@ def test_opset_dynamic_batch_and_checker(exported):
 
 
 def test_metadata_carries_what_deployment_needs(exported, bundle):
-    _, meta, path, _ = exported
+    _, _, path, _ = exported
     props = onnx_metadata(onnx.load(str(path)))
     assert json.loads(props["label_names"]) == bundle.label_names
     assert json.loads(props["input_size"]) == [3, 32, 32]
@@ -131,7 +131,7 @@ def _corrupt_copies(path, folder):
 
 def test_corrupt_or_truncated_file_gives_clear_error(exported, tmp_path, capsys):
     _, _, path, _ = exported
-    for name, bad in _corrupt_copies(path, tmp_path).items():
+    for bad in _corrupt_copies(path, tmp_path).values():
         with pytest.raises(UserError, match="corrupt|truncated|empty"):
             load_onnx(bad)
         with pytest.raises(UserError, match="corrupt|truncated|empty"):

@@ -56,9 +56,9 @@ def open_in_browser(html_path: Path, tmp_path: Path) -> tuple[dict, list[str]]:
     page.write_text(text.replace("</body>", PROBE + "\n</body>"), encoding="utf-8")
     profile = tmp_path / f"profile_{html_path.stem}"
     proc = subprocess.run([BROWSER, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = re.search(r'<pre id="browser-probe">(.*?)</pre>', proc.stdout, re.S)
+    found = re.search(r'<pre id="browser-probe">(.*?)</pre>', proc.stdout, re.DOTALL)
     assert found, f"the probe did not run; stderr: {proc.stderr[-2000:]}"
     probe = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     return probe, [line for line in proc.stderr.splitlines() if CONSOLE.search(line)]

@@ -103,7 +103,7 @@ def test_preprocessing_follows_the_metadata(digits_onnx, tmp_path):
 
 
 def test_predict_errors_are_clear(digits_onnx, tmp_path, capsys):
-    path, model = digits_onnx
+    path, _ = digits_onnx
     (tmp_path / "not_an_image.png").write_bytes(b"hello")
     with pytest.raises(UserError, match="cannot be decoded"):
         predict_images(path, [tmp_path / "not_an_image.png"])

@@ -62,3 +62,11 @@ def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.steps
     assert yaml.safe_load(path.read_text())["name"] == recipe.name
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_start_on_cpu(path, capsys):
+    from compress.cli import main
+
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "is valid" in capsys.readouterr().out

@@ -3,3 +3,4 @@
 from compress.compression import afcc  # noqa: F401
 from compress.compression import dilute  # noqa: F401
 from compress.compression import trim  # noqa: F401
+from compress.compression import blocks  # noqa: F401

@@ -70,7 +70,6 @@ def trim_at(model: nn.Module, tap: str, head_weight: torch.Tensor | None = None)
 @register_transform("trim")
 def _replay_trim(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     model = trim_at(model, spec["tap"])
-    model.compress_transforms = model.compress_transforms[:-1]  # load_model records it again
     return model
 
 

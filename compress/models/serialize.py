@@ -101,6 +101,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
                          in_chans=c, img_size=h, **meta.get("options", {}))
     for spec in meta.get("transforms", []):
         model = apply_transform(model, spec)
-        record_transform(model, spec)
+    model.compress_transforms = list(meta.get("transforms", []))  # replays may record on their own
     load_checkpoint(model, path)
     return model.to(device).eval(), meta
