@@ -17,7 +17,7 @@ from compress.errors import UserError
 from compress.io import atomic_write_text, ensure_writable_dir
 from compress.models import create_model, resolve_taps
 from compress.models.serialize import save_model
-from compress.training import CHECKPOINT, TrainConfig, default_device, evaluate, fit, read_meta
+from compress.training import TrainConfig, default_device, evaluate, fit, read_meta
 
 __all__ = ["ModelSpec", "DataSpec", "build_model", "model_meta", "train", "analyze"]
 
