@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-fc", type=float, default=None, help="learning rate of the FC layers (default: --lr)")
     g.add_argument("--momentum-fc", type=float, default=None)
     g.add_argument("--weight-decay-fc", type=float, default=None)
-    g.add_argument("--schedule", default="step", choices=["step", "cosine"])
+    g.add_argument("--schedule", default="step", choices=["step", "cosine", "onecycle"])
     g.add_argument("--lr-decay", type=float, default=0.6, help="q: factor applied every --lr-step epochs")
     g.add_argument("--lr-step", type=int, default=20, help="dt: epochs between decays")
     g.add_argument("--no-augment", action="store_true", help="no flip/translation augmentation")

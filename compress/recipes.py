@@ -133,7 +133,7 @@ class TrainOptions:
     lr_fc: float | None = None
     momentum_fc: float | None = None
     weight_decay_fc: float | None = None
-    schedule: Literal["step", "cosine"] = "step"
+    schedule: Literal["step", "cosine", "onecycle"] = "step"
     lr_decay: float = 0.6
     lr_step: int = 20
     augment: bool = True
@@ -208,7 +208,7 @@ class FinetuneOptions(TrainOptions):
     lr: float = 0.005
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: Literal["step", "cosine"] = "cosine"
+    schedule: Literal["step", "cosine", "onecycle"] = "cosine"
 
 
 @register_step_options("trim")

@@ -48,8 +48,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("step", "cosine"):
-            raise UserError(f"unknown schedule {self.schedule!r}; valid: step, cosine")
+        if self.schedule not in ("step", "cosine", "onecycle"):
+            raise UserError(f"unknown schedule {self.schedule!r}; valid: step, cosine, onecycle")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch_size must be at least 1")
 
@@ -82,10 +82,17 @@ def _train_mode(model: nn.Module) -> None:
                 m.eval()
 
 
-def _lr_factor(cfg: TrainConfig, epoch: int) -> float:
+def _lr_factor(cfg: TrainConfig, epoch: float) -> float:
+    """Learning-rate multiplier at (fractional) ``epoch``: step (q every dt), cosine, or one-cycle
+    (linear warm-up from 1/25 over the first 30 %, then cosine annealing to 1/10,000)."""
     if cfg.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr_decay ** (epoch // cfg.lr_step)
+    if cfg.schedule == "onecycle":
+        t = epoch / cfg.epochs
+        if t < 0.3:
+            return 1 / 25 + (1 - 1 / 25) * t / 0.3
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * (t - 0.3) / 0.7))
+    return cfg.lr_decay ** (int(epoch) // cfg.lr_step)
 
 
 @torch.inference_mode()
@@ -153,7 +160,11 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
                                   generator=gen, device=device)
         bar = tqdm(batches, total=math.ceil(len(bundle.train) / cfg.batch_size), disable=not progress,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for x, y in bar:
+        steps_per_epoch = max(1, math.ceil(len(bundle.train) / cfg.batch_size))
+        for step, (x, y) in enumerate(bar):
+            if cfg.schedule != "step":  # smooth schedules move every step
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * _lr_factor(cfg, epoch + step / steps_per_epoch)
             with torch.autocast(device.type, enabled=use_amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)

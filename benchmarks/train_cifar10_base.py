@@ -1,0 +1,46 @@
+"""Train the CPU-scale base model on the real CIFAR-10: VGG-16 with batch-norm at width 0.25.
+
+Checkpoints every epoch under ``benchmarks/cifar10_base/``; run the same command again to resume
+(the long run can be split across sessions). The final weights are ``model.pt`` there, the
+per-epoch log ``history.json``.
+
+    python benchmarks/train_cifar10_base.py --data-dir ../shared/data/cifar10 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from compress.pipeline import DataSpec, ModelSpec, environment, train
+from compress.training import TrainConfig
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=str(HERE.parents[1] / "shared" / "data" / "cifar10"))
+    p.add_argument("--out", default=str(HERE / "cifar10_base"))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ModelSpec("vgg16", {"width": 0.25, "batch_norm": True})
+    data = DataSpec(f"imagefolder:{args.data_dir}")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=100, lr=args.lr, momentum=0.9, weight_decay=5e-4,
+                      schedule="onecycle", augment=True, seed=0)
+    print("environment:", environment())
+    t0 = time.perf_counter()
+    _, history, _ = train(model, data, cfg, args.out, progress=False)
+    print(f"finished {len(history)} epochs; test accuracy {history[-1]['test_acc']:.4f}; "
+          f"this invocation {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
