@@ -82,7 +82,8 @@ def _analysis_config(args: argparse.Namespace):
 
     return AnalysisConfig(threshold=args.threshold, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr,
                           plateau_tolerance=args.tolerance, feature_dtype=args.feature_dtype,
-                          max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir, seed=args.seed)
+                          max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir, tap_pool=args.tap_pool,
+                          seed=args.seed)
 
 
 def _print_result(result, out) -> None:
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
     g.add_argument("--max-memory-gb", type=float, default=4.0, help="larger feature caches go to disk")
     g.add_argument("--cache-dir", default=None, help="folder for on-disk feature caches")
+    g.add_argument("--tap-pool", type=int, default=None, metavar="K",
+                   help="average-pool every tap KxK, stride K, before its probe (the paper used 7 at 224x224)")
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--quiet", action="store_true")

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compress.data import DataBundle, ImageSet, iterate_batches
@@ -42,6 +43,13 @@ class FeatureCache:
         return sum(t.numel() * t.element_size() for t in self.features.values())
 
 
+def _pooled_shape(shape: tuple[int, ...], k: int) -> tuple[int, ...]:
+    if len(shape) != 3:
+        return shape
+    c, h, w = shape
+    return (c, -(-h // k), -(-w // k))
+
+
 def _allocate(shape: tuple[int, ...], dtype: str, path: Path | None) -> torch.Tensor:
     if path is None:
         return torch.empty(shape, dtype=_DTYPES[dtype][0])
@@ -53,7 +61,7 @@ def _allocate(shape: tuple[int, ...], dtype: str, path: Path | None) -> torch.Te
 def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps: Sequence[str], *,
                      dtype: str = "float32", batch_size: int = 500, max_memory_gb: float = 4.0,
                      cache_dir: str | Path | None = None, device: torch.device | None = None,
-                     progress: bool = True, desc: str = "features") -> FeatureCache:
+                     progress: bool = True, desc: str = "features", pool: int | None = None) -> FeatureCache:
     """Run ``split`` through ``model`` once and keep every tap's output.
 
     Layers after the deepest tap are skipped. No augmentation: the papers' probes see the
@@ -71,6 +79,8 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
         device: defaults to the model's device.
         progress: show a progress bar.
         desc: progress bar label.
+        pool: average-pool every 4-D tap output with this kernel and stride (ceil mode) before
+            caching, as the second paper did before its EfficientNet probes (7: 112x112 -> 16x16).
     """
     if dtype not in _DTYPES:
         from compress.errors import UserError
@@ -78,7 +88,9 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
         raise UserError(f"unknown feature dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
     device = device or next(model.parameters()).device
     model.eval()
-    shapes = tap_shapes(model, taps, split.images.shape[1:])
+    shapes = tap_shapes(model, taps, bundle.input_size)
+    if pool:
+        shapes = {t: _pooled_shape(s, pool) for t, s in shapes.items()}
     n = len(split)
     total = sum(n * math.prod(s) for s in shapes.values()) * torch.tensor([], dtype=_DTYPES[dtype][0]).element_size()
     on_disk = total > max_memory_gb * 2**30
@@ -90,6 +102,8 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
     offset = 0
 
     def sink(name: str, out: torch.Tensor) -> None:
+        if pool and out.dim() == 4:
+            out = F.avg_pool2d(out, pool, pool, ceil_mode=True)
         feats[name][offset:offset + out.shape[0]] = out.detach().to("cpu", _DTYPES[dtype][0])
 
     with capture(model, taps, sink):

@@ -181,6 +181,7 @@ class AnalysisSection:
     plateau_tolerance: float = 0.5
     feature_dtype: Literal["float32", "float16"] = "float32"
     max_memory_gb: float = 4.0
+    tap_pool: int | None = None
     taps: list[str] | None = None
 
 

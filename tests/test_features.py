@@ -34,3 +34,12 @@ def test_float16_and_disk_cache(small_digits, tmp_path):
     for t in TAPS:
         assert torch.equal(disk.features[t], ref.features[t])
         assert torch.allclose(half.features[t].float(), ref.features[t], rtol=1e-2, atol=1e-2)
+
+
+def test_tap_pooling(small_digits):
+    model = tiny_vgg().eval()
+    full = extract_features(model, small_digits, small_digits.test, ["features.pool1"], progress=False)
+    pooled = extract_features(model, small_digits, small_digits.test, ["features.pool1"], pool=7, progress=False)
+    assert pooled.features["features.pool1"].shape[1:] == (4, 3, 3)  # 16x16 -> ceil(16/7) = 3
+    expected = torch.nn.functional.avg_pool2d(full.features["features.pool1"], 7, 7, ceil_mode=True)
+    assert torch.allclose(pooled.features["features.pool1"], expected)

@@ -35,6 +35,8 @@ class AnalysisConfig:
         max_memory_gb: feature caches larger than this go to memory-mapped files.
         cache_dir: folder for those files.
         batch_size: images per forward pass during extraction.
+        tap_pool: average-pool each tap with this kernel and stride before its probe (the second
+            paper's 7x7 for EfficientNet-B0 at 224x224); ``None`` probes the full tap output.
         seed: probe initialisation and shuffling.
     """
 
@@ -50,6 +52,7 @@ class AnalysisConfig:
     max_memory_gb: float = 4.0
     cache_dir: str | None = None
     batch_size: int = 100
+    tap_pool: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,7 +122,7 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     common = dict(dtype=cfg.feature_dtype, batch_size=cfg.batch_size, max_memory_gb=cfg.max_memory_gb / 2,
-                  cache_dir=cfg.cache_dir, device=device, progress=progress)
+                  cache_dir=cfg.cache_dir, device=device, progress=progress, pool=cfg.tap_pool)
     train = extract_features(model, bundle, bundle.train, taps, desc="features (train)", **common)
     test = extract_features(model, bundle, bundle.test, taps, desc="features (test)", **common)
     timings["features"] = time.perf_counter() - t0
