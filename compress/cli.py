@@ -108,8 +108,9 @@ def _cmd_taps(args: argparse.Namespace) -> None:
 
     model = create_model(args.model_name, num_classes=args.num_classes, img_size=args.img_size,
                          **_model_options(args))
-    names = [n for n, _ in model.named_modules() if n] if args.all else default_taps(model)
-    shapes = tap_shapes(model, names, (3, args.img_size, args.img_size))
+    size = (3, args.img_size, args.img_size)
+    names = [n for n, _ in model.named_modules() if n] if args.all else default_taps(model, size)
+    shapes = tap_shapes(model, names, size)
     width = max((len(n) for n in names), default=10) + 2
     for n in names:
         if n in shapes:

@@ -131,7 +131,7 @@ def analyze(model_spec: ModelSpec, data_spec: DataSpec, cfg: AnalysisConfig, out
         if model_spec.checkpoint is None and not model_spec.pretrained:
             raise UserError("analyze needs a trained model: pass --checkpoint (or --pretrained for timm/torchvision)")
         model = build_model(model_spec, bundle)
-    tap_names = resolve_taps(model, taps)
+    tap_names = resolve_taps(model, taps, bundle.input_size)
     _write_config(out, model=model_spec, data=data_spec, analysis=cfg, taps=tap_names)
     model_acc = evaluate(model, bundle)
     result = analyze_model(model, bundle, tap_names, cfg, model_name=model_spec.name, progress=progress)

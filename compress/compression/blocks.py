@@ -8,6 +8,7 @@ so keeping the first ``n`` blocks keeps every shape valid.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -44,8 +45,9 @@ def list_stages(model: nn.Module) -> dict[str, int]:
     stages = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Sequential) and len(m) >= 2 and name:
-            kinds = {type(b).__name__ for b in m}
-            if len(kinds) == 1 and not isinstance(m[0], (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear)):
+            kinds = {type(b) for b in m}
+            container = isinstance(m[0], (nn.Sequential, nn.ModuleList))  # a list of stages, not a stage
+            if len(kinds) == 1 and not container and not isinstance(m[0], (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear)):
                 stages[name] = len(m)
     return stages
 
@@ -66,11 +68,14 @@ def remove_blocks(model: nn.Module, keep: Mapping[str, int], input_size: Sequenc
             raise unknown_name("stage", path, stages or ["(this model has no stage of repeated blocks)"])
         if not 1 <= n <= stages[path]:
             raise UserError(f"stage {path!r} has {stages[path]} blocks; keep between 1 and {stages[path]}, got {n}")
-    for path, n in keep.items():
-        stage = model.get_submodule(path)
-        for idx in range(len(stage) - 1, n - 1, -1):
-            del stage[idx]
-    _forward_ok(model, f"removing blocks {dict(keep)}", input_size)
+    trial = copy.deepcopy(model)  # check on a copy: a refused change leaves the model as it was
+    for target in (trial, model):
+        for path, n in keep.items():
+            stage = target.get_submodule(path)
+            for idx in range(len(stage) - 1, n - 1, -1):
+                del stage[idx]
+        if target is trial:
+            _forward_ok(trial, f"removing blocks {dict(keep)}", input_size)
     record_transform(model, {"kind": "remove_blocks", "keep": dict(keep), "input_size": list(input_size or [])})
     return model
 

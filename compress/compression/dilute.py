@@ -198,16 +198,23 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 
 def find_tap_conv(model: nn.Module, tap: str) -> str:
-    """Name of the last ``nn.Conv2d`` at or before module ``tap`` (the conv whose filters a tap sees)."""
+    """Name of the last ``nn.Conv2d`` at or inside module ``tap``, or before it (the conv whose
+    filters a tap sees; for a stage or block tap, the last conv registered inside it)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if tap not in names:
+        raise unknown_name("tap", tap, names)
     last = None
+    inside = False
     for name, module in model.named_modules():
+        if name == tap:
+            inside = True
+        elif inside and not name.startswith(tap + "."):
+            break
         if isinstance(module, nn.Conv2d):
             last = name
-        if name == tap:
-            if last is None:
-                raise UserError(f"no conv layer precedes tap {tap!r}")
-            return last
-    raise unknown_name("tap", tap, [n for n, _ in model.named_modules() if n])
+    if last is None:
+        raise UserError(f"no conv layer precedes tap {tap!r}")
+    return last
 
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> list[int]:

@@ -12,27 +12,116 @@ import torch.nn as nn
 
 from compress.errors import UserError, unknown_name
 
-__all__ = ["default_taps", "resolve_taps", "tap_shapes", "capture", "StopForward"]
+__all__ = ["default_taps", "auto_taps", "resolve_taps", "tap_shapes", "capture", "StopForward"]
 
 
 class StopForward(Exception):
     """Raised from a hook once every tap of a batch has fired, to skip the rest of the network."""
 
 
-def default_taps(model: nn.Module) -> list[str]:
-    """The taps a model declares: its ``feature_info`` modules (own VGGs, timm models)."""
+def default_taps(model: nn.Module, input_size: Sequence[int] | None = None) -> list[str]:
+    """The taps probed when none are named.
+
+    A model that declares ``feature_info`` (the own VGGs, timm models) gives its declared taps,
+    plus its final feature layer when that is not among them. Any other model (torchvision
+    classifiers, your own) gets :func:`auto_taps`: the end of every stage where the spatial size
+    halves, plus the final feature layer.
+    """
     info = getattr(model, "feature_info", None)
+    modules = dict(model.named_modules())
     if info:
-        names = [f["module"] for f in info]
-        modules = dict(model.named_modules())
-        return [n for n in names if n in modules]
-    raise UserError(
-        f"{type(model).__name__} declares no feature taps; name them with --taps "
-        f"(module paths from `compress taps MODEL --all`, globs allowed)"
-    )
+        info = info.get_dicts() if hasattr(info, "get_dicts") else info
+        names = [f["module"] for f in info if f.get("module") in modules]
+        try:
+            final = _final_feature_layer(model, input_size)
+        except RuntimeError:  # the input size does not fit the model: keep the declared taps
+            final = None
+        if final and final not in names and not any(final.startswith(n + ".") for n in names):
+            names.append(final)
+        return names
+    return auto_taps(model, input_size)
 
 
-def resolve_taps(model: nn.Module, names: Sequence[str] | None) -> list[str]:
+def _input_size_of(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    if input_size is not None:
+        return tuple(input_size)
+    cfg = getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224)))
+
+
+def _is_stage(m: nn.Module) -> bool:
+    """A container of repeated blocks (kept whole as one unit), not a list of plain layers."""
+    children = list(m.children())
+    plain = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Linear, nn.Identity)
+    return (bool(children) and not any(isinstance(c, plain) for c in children)
+            and len({type(c) for c in children}) == 1)
+
+
+def _units(model: nn.Module, prefix: str = "") -> list[str]:
+    """Candidate tap points: top-level children, looking inside containers of plain layers."""
+    out = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and not _is_stage(child):
+            out += _units(child, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def _unit_shapes(model: nn.Module, input_size: Sequence[int] | None) -> list[tuple[str, tuple[int, ...]]]:
+    """(unit, output shape) in execution order, for units with a tensor output, from one forward pass."""
+    units = _units(model)
+    modules = dict(model.named_modules())
+    order: list[tuple[str, tuple[int, ...]]] = []
+    handles = [modules[u].register_forward_hook(
+        lambda _m, _i, o, u=u: order.append((u, tuple(o.shape[1:]))) if isinstance(o, torch.Tensor) else None)
+        for u in units]
+    was = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        with torch.no_grad():
+            model(torch.zeros(1, *_input_size_of(model, input_size), device=p.device if p is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return order
+
+
+def _final_feature_layer(model: nn.Module, input_size: Sequence[int] | None = None) -> str | None:
+    """The last unit with a spatial (C, H, W) output before any global pooling to 1x1."""
+    spatial = [(u, s) for u, s in _unit_shapes(model, input_size) if len(s) == 3]
+    while spatial and spatial[-1][1][1:] == (1, 1) and len(spatial) > 1 and spatial[-2][1][1:] != (1, 1):
+        spatial.pop()  # a global pooling layer, not a feature layer
+    return spatial[-1][0] if spatial else None
+
+
+def auto_taps(model: nn.Module, input_size: Sequence[int] | None = None) -> list[str]:
+    """One tap at the end of every stage where the spatial size halves, plus the final feature layer.
+
+    Works on any model from one forward pass with hooks on its units (top-level children, and
+    the layers inside plain ``nn.Sequential`` containers). Raises a :class:`UserError` naming
+    the candidates when the model has no spatial (C, H, W) outputs to tap.
+    """
+    shapes = [(u, s) for u, s in _unit_shapes(model, input_size) if len(s) == 3]
+    if not shapes:
+        candidates = ", ".join(_units(model)[:20])
+        raise UserError(
+            f"{type(model).__name__} has no convolutional (C, H, W) outputs to tap automatically (token or flat "
+            f"features are not supported); name taps with --taps (module paths, `compress taps MODEL --all`); "
+            f"top-level modules: {candidates}"
+        )
+    taps = [u for (u, s), (_, nxt) in zip(shapes, shapes[1:]) if nxt[1] < s[1]]
+    final = _final_feature_layer(model, input_size)
+    if final and final not in taps:
+        taps.append(final)
+    seen: set[str] = set()
+    return [t for t in taps if not (t in seen or seen.add(t))]
+
+
+def resolve_taps(model: nn.Module, names: Sequence[str] | None, input_size: Sequence[int] | None = None) -> list[str]:
     """Turn tap names and globs into module paths, in network (registration) order.
 
     Args:
@@ -41,7 +130,7 @@ def resolve_taps(model: nn.Module, names: Sequence[str] | None) -> list[str]:
             model's default taps.
     """
     if not names:
-        return default_taps(model)
+        return default_taps(model, input_size)
     modules = [n for n, _ in model.named_modules() if n]
     chosen: set[str] = set()
     for name in names:
