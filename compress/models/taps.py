@@ -92,10 +92,16 @@ def _unit_shapes(model: nn.Module, input_size: Sequence[int] | None) -> list[tup
 
 def _final_feature_layer(model: nn.Module, input_size: Sequence[int] | None = None) -> str | None:
     """The last unit with a spatial (C, H, W) output before any global pooling to 1x1."""
+    modules = dict(model.named_modules())
     spatial = [(u, s) for u, s in _unit_shapes(model, input_size) if len(s) == 3]
-    while spatial and spatial[-1][1][1:] == (1, 1) and len(spatial) > 1 and spatial[-2][1][1:] != (1, 1):
+    while spatial and _is_global_pool(modules[spatial[-1][0]]):
         spatial.pop()  # a global pooling layer, not a feature layer
     return spatial[-1][0] if spatial else None
+
+
+def _is_global_pool(m: nn.Module) -> bool:
+    name = type(m).__name__
+    return isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or "Adaptive" in name or "GlobalPool" in name
 
 
 def auto_taps(model: nn.Module, input_size: Sequence[int] | None = None) -> list[str]:
