@@ -49,6 +49,7 @@ import compress
 from compress.analysis.engine import AnalysisConfig, analyze_tap
 from compress.data import iterate_batches, load_data
 from compress.features import FeatureCache, extract_features
+from compress.io import atomic_write_text
 from compress.models import create_model, default_taps, run_to_taps, tap_shapes
 
 
@@ -247,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out(f"load average at end: {os.getloadavg()[0]:.2f} (other processes on the machine inflate all timings)")
     if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text("\n".join(lines) + "\n")
+        atomic_write_text(args.save, "\n".join(lines) + "\n")
         print(f"saved to {args.save}")
     return 0
 

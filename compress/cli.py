@@ -50,6 +50,39 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit-test", type=int, default=None, help="use a random subset of N test images")
 
 
+def _add_optim(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation (SGD, Nesterov momentum, L2)")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--lr", type=float, default=0.028, help="learning rate of the conv layers")
+    g.add_argument("--momentum", type=float, default=0.975)
+    g.add_argument("--weight-decay", type=float, default=1.5e-3)
+    g.add_argument("--lr-fc", type=float, default=None, help="learning rate of the FC layers (default: --lr)")
+    g.add_argument("--momentum-fc", type=float, default=None)
+    g.add_argument("--weight-decay-fc", type=float, default=None)
+    g.add_argument("--schedule", default="step", choices=["step", "cosine", "onecycle"])
+    g.add_argument("--lr-decay", type=float, default=0.6, help="q: factor applied every --lr-step epochs")
+    g.add_argument("--lr-step", type=int, default=20, help="dt: epochs between decays")
+    g.add_argument("--no-augment", action="store_true", help="no flip/translation augmentation")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_analysis(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("analysis")
+    g.add_argument("--taps", nargs="+", default=None, help="module paths or globs (default: the model's taps)")
+    g.add_argument("--threshold", type=float, default=0.3, help="clipping threshold in (0, 1)")
+    g.add_argument("--probe-epochs", type=int, default=200)
+    g.add_argument("--probe-lr", type=float, default=0.01)
+    g.add_argument("--tolerance", type=float, default=0.5, help="plateau tolerance in accuracy points")
+    g.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
+    g.add_argument("--max-memory-gb", type=float, default=4.0, help="larger feature caches go to disk")
+    g.add_argument("--cache-dir", default=None, help="folder for on-disk feature caches")
+    g.add_argument("--tap-pool", type=int, default=None, metavar="K",
+                   help="average-pool every tap KxK, stride K, before its probe (the paper used 7 at 224x224)")
+    if "--seed" not in p._option_string_actions:  # shared with the optimisation options
+        g.add_argument("--seed", type=int, default=0)
+
+
 def _specs(args: argparse.Namespace):
     from compress.pipeline import DataSpec, ModelSpec
 
@@ -60,6 +93,33 @@ def _specs(args: argparse.Namespace):
     return model, data
 
 
+def _train_config(args: argparse.Namespace):
+    from compress.training import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, lr_fc=args.lr_fc, momentum_fc=args.momentum_fc,
+                       weight_decay_fc=args.weight_decay_fc, schedule=args.schedule, lr_decay=args.lr_decay,
+                       lr_step=args.lr_step, augment=not args.no_augment, seed=args.seed)
+
+
+def _cmd_cifar_k(args: argparse.Namespace) -> None:
+    from compress.experiments import run_label_scaling
+
+    model, data = _specs(args)
+    if not model.name:
+        model = type(model)("vgg16", model.options, None, model.pretrained)
+    summary = run_label_scaling(model, data, args.ks, _train_config(args), _analysis_config(args), args.out,
+                                progress=not args.quiet)
+    print(f"{'K':>4}{'plateau':>18}{'N_f':>6}{'accuracy':>10}{'n':>8}{'N_c':>7}{'C_s':>7}")
+    for r in summary["rows"]:
+        print(f"{r['K']:>4}{r['plateau']:>18}{r['N_f']:>6}{r['accuracy']:>10.4f}{r['n']:>8.2f}{r['N_c']:>7.2f}"
+              f"{r['C_s']:>7.2f}")
+    if summary["fit"]:
+        f = summary["fit"]
+        print(f"error = {f['slope']:.5f} K + {f['intercept']:.4f}  (R^2 {f['r2']:.3f})")
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from compress.pipeline import train
     from compress.training import TrainConfig
@@ -67,11 +127,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     model, data = _specs(args)
     if not model.name:
         model = type(model)("vgg16", model.options, model.checkpoint, model.pretrained)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                      weight_decay=args.weight_decay, lr_fc=args.lr_fc, momentum_fc=args.momentum_fc,
-                      weight_decay_fc=args.weight_decay_fc, schedule=args.schedule, lr_decay=args.lr_decay,
-                      lr_step=args.lr_step, augment=not args.no_augment, seed=args.seed)
-    _, history, _ = train(model, data, cfg, args.out, resume=not args.no_resume, progress=not args.quiet)
+    _, history, _ = train(model, data, _train_config(args), args.out, resume=not args.no_resume,
+                          progress=not args.quiet)
     if history:
         print(f"trained {model.name}: test accuracy {history[-1]['test_acc']:.4f} after {history[-1]['epoch']} epochs; "
               f"checkpoint {Path(args.out) / 'checkpoint.pt'}")
@@ -196,20 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="phase 1: train a model, a checkpoint each epoch, resumable")
     _add_model(p)
     _add_data(p)
-    g = p.add_argument_group("optimisation (SGD, Nesterov momentum, L2)")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch-size", type=int, default=100)
-    g.add_argument("--lr", type=float, default=0.028, help="learning rate of the conv layers")
-    g.add_argument("--momentum", type=float, default=0.975)
-    g.add_argument("--weight-decay", type=float, default=1.5e-3)
-    g.add_argument("--lr-fc", type=float, default=None, help="learning rate of the FC layers (default: --lr)")
-    g.add_argument("--momentum-fc", type=float, default=None)
-    g.add_argument("--weight-decay-fc", type=float, default=None)
-    g.add_argument("--schedule", default="step", choices=["step", "cosine", "onecycle"])
-    g.add_argument("--lr-decay", type=float, default=0.6, help="q: factor applied every --lr-step epochs")
-    g.add_argument("--lr-step", type=int, default=20, help="dt: epochs between decays")
-    g.add_argument("--no-augment", action="store_true", help="no flip/translation augmentation")
-    g.add_argument("--seed", type=int, default=0)
+    _add_optim(p)
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, history.json, config.yaml)")
     p.add_argument("--no-resume", action="store_true", help="start again even if a checkpoint exists")
     p.add_argument("--quiet", action="store_true")
@@ -218,21 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="phases 2-3: probes per tap, filter clusters, noise, SNR, report")
     _add_model(p)
     _add_data(p)
-    g = p.add_argument_group("analysis")
-    g.add_argument("--taps", nargs="+", default=None, help="module paths or globs (default: the model's taps)")
-    g.add_argument("--threshold", type=float, default=0.3, help="clipping threshold in (0, 1)")
-    g.add_argument("--probe-epochs", type=int, default=200)
-    g.add_argument("--probe-lr", type=float, default=0.01)
-    g.add_argument("--tolerance", type=float, default=0.5, help="plateau tolerance in accuracy points")
-    g.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"])
-    g.add_argument("--max-memory-gb", type=float, default=4.0, help="larger feature caches go to disk")
-    g.add_argument("--cache-dir", default=None, help="folder for on-disk feature caches")
-    g.add_argument("--tap-pool", type=int, default=None, metavar="K",
-                   help="average-pool every tap KxK, stride K, before its probe (the paper used 7 at 224x224)")
-    g.add_argument("--seed", type=int, default=0)
+    _add_analysis(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("cifar-k", help="train and analyse on nested K-label subsets; error at the plateau against K")
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--ks", type=int, nargs="+", default=[3, 6, 8, 10], help="numbers of labels (nested subsets)")
+    _add_optim(p)
+    _add_analysis(p)
+    p.add_argument("--out", required=True, help="folder: K<k>/train, K<k>/analysis, cifar_k.json, report")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_cifar_k)
 
     p = sub.add_parser("taps", help="list a model's taps with their output shapes")
     p.add_argument("model_name", metavar="MODEL")
@@ -256,10 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv or ["demo"])
+    from compress import distributed
+
     try:
-        args.func(args)
+        with distributed.cli_session(args):  # under torchrun: join the group; ranks > 0 stay quiet
+            args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished epochs are checkpointed, run the same command again to resume", file=sys.stderr)

@@ -250,6 +250,9 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         mean: per-channel mean of the normalisation (default 0.5: the papers' [-1, 1] scaling).
         std: per-channel standard deviation (default 0.5).
     """
+    for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}={value} would leave no images; give at least 1 (or leave it out to use all)")
     if name.startswith("imagefolder:"):
         path = name.split(":", 1)[1]
         total = None
@@ -269,8 +272,9 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
                          meta={} if keep is None else {"labels_kept": keep})
     else:
         raise unknown_name("dataset", name, list_datasets())
-    if len(bundle.train) == 0 or len(bundle.test) == 0:
-        raise UserError(f"dataset {name!r} has an empty train or test split")
+    for split_name, split in (("train", bundle.train), ("test", bundle.test)):
+        if len(split) == 0:
+            raise UserError(f"dataset {name!r} has an empty {split_name} split; every split needs images of each label")
     if image_size is not None and bundle.train.images.shape[-1] != image_size:
         bundle = replace(bundle, resize_to=image_size)
     for label, values in (("mean", mean), ("std", std)):
@@ -298,11 +302,16 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torc
 
 def iterate_batches(bundle: DataBundle, split: ImageSet, batch_size: int, *, shuffle: bool = False,
                     augmented: bool = False, generator: torch.Generator | None = None,
-                    device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised float batches ``(x, y)`` on ``device``; order and augmentation follow ``generator``."""
+                    device: torch.device | str = "cpu",
+                    order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised float batches ``(x, y)`` on ``device``; order and augmentation follow ``generator``.
+
+    ``order`` gives the sample indices to visit instead (e.g. one process's shard of an epoch).
+    """
     generator = generator or torch.Generator().manual_seed(0)
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if order is None:
+        order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+    n = len(order)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         x = split.images[idx].to(device, non_blocking=True)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import mmap
+import shutil
 import tempfile
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -14,12 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compress import distributed
 from compress.data import DataBundle, ImageSet, iterate_batches
+from compress.errors import UserError
 from compress.models.taps import StopForward, capture, tap_shapes
 
 __all__ = ["FeatureCache", "extract_features"]
 
 _DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
+_RELEASE_BYTES = 256 * 2**20  # on-disk caches: flush and drop written pages this often
 
 
 @dataclass
@@ -27,16 +33,23 @@ class FeatureCache:
     """Tap outputs for one split: ``features[tap]`` is (N, C, H, W), ``labels`` is (N,).
 
     Arrays live in memory, or in memory-mapped files under ``folder`` when they would not fit
-    (``on_disk``); either way they are torch tensors sharing the storage.
+    (``on_disk``); either way they are torch tensors sharing the storage. The files are removed
+    when the cache is garbage-collected.
     """
 
     features: dict[str, torch.Tensor]
     labels: torch.Tensor
     on_disk: bool = False
     folder: Path | None = None
+    maps: dict[str, np.memmap] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def release(self) -> None:
+        """Drop the file pages an on-disk cache has mapped into this process (they are read back
+        from the file on the next access); a no-op for an in-memory cache."""
+        _release(self.maps)
 
     @property
     def nbytes(self) -> int:
@@ -50,11 +63,62 @@ def _pooled_shape(shape: tuple[int, ...], k: int) -> tuple[int, ...]:
     return (c, -(-h // k), -(-w // k))
 
 
-def _allocate(shape: tuple[int, ...], dtype: str, path: Path | None) -> torch.Tensor:
-    if path is None:
-        return torch.empty(shape, dtype=_DTYPES[dtype][0])
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=_DTYPES[dtype][1], shape=shape)
-    return torch.from_numpy(arr)
+def _cache_folder(cache_dir: str | Path | None) -> Path:
+    """A fresh folder for one cache (inside ``cache_dir`` when given), the same on every process."""
+    if cache_dir is None and distributed.world_size() > distributed.local_world_size():
+        raise UserError("feature caches on disk across several nodes need --cache-dir on storage every node shares")
+    folder = None
+    if distributed.is_main():
+        try:
+            if cache_dir is not None:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix="compress-features-", dir=cache_dir)
+        except OSError as e:
+            raise UserError(f"cache folder {str(cache_dir)!r} is not writable ({e.strerror}); pass a writable "
+                            f"--cache-dir") from None
+    return Path(distributed.broadcast_object(folder))
+
+
+def _open_maps(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: str, create: bool) -> dict[str, np.memmap]:
+    """Memory-mapped ``.npy`` files, one per tap: created by rank 0, then opened by every process."""
+    np_dtype = _DTYPES[dtype][1]
+    maps = {}
+    if create and distributed.is_main():
+        maps = {t: np.lib.format.open_memmap(folder / f"{t}.npy", mode="w+", dtype=np_dtype, shape=s)
+                for t, s in shapes.items()}
+    distributed.barrier()
+    if not maps:
+        for t, s in shapes.items():
+            try:
+                maps[t] = np.lib.format.open_memmap(folder / f"{t}.npy", mode="r+")
+            except OSError as e:
+                raise UserError(f"feature cache {str(folder / f'{t}.npy')!r} cannot be opened ({e.strerror}); "
+                                f"pass a --cache-dir every process can reach") from None
+            if maps[t].shape != s:
+                raise UserError(f"feature cache {str(folder / f'{t}.npy')!r} has shape {maps[t].shape}, not {s}")
+    return maps
+
+
+def _release(maps: dict[str, np.memmap]) -> None:
+    """Write dirty pages to the files and drop them from this process's resident set.
+
+    The data stays in the files (and the kernel's page cache); it is read back on access. This
+    keeps a cache larger than memory from growing the process's resident memory while it is filled.
+    """
+    for arr in maps.values():
+        arr.flush()
+        mm = getattr(arr, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _share(feats: dict[str, torch.Tensor], n: int, block: int) -> None:
+    """Give every process the rows the others extracted (in-memory caches)."""
+    for r in range(distributed.world_size()):
+        start, stop = distributed.shard_range(n, block, of_rank=r)
+        if stop > start:
+            for t in feats.values():
+                distributed.broadcast_(t[start:stop], src=r)
 
 
 @torch.inference_mode()
@@ -65,7 +129,10 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
     """Run ``split`` through ``model`` once and keep every tap's output.
 
     Layers after the deepest tap are skipped. No augmentation: the papers' probes see the
-    preprocessed images.
+    preprocessed images. Under ``torchrun`` each process runs a contiguous block of whole
+    batches (the same batches a single process runs, so the features are the same), then every
+    process gets the full cache: in memory by broadcasting each block, on disk by writing each
+    block into the same memory-mapped files.
 
     Args:
         model: the trained network (put in eval mode).
@@ -74,8 +141,11 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
         taps: module paths.
         dtype: ``float32`` or ``float16`` storage.
         batch_size: images per forward pass.
-        max_memory_gb: above this total size, features go to memory-mapped ``.npy`` files.
-        cache_dir: folder for those files (default: a temporary folder).
+        max_memory_gb: above this total size, features go to memory-mapped ``.npy`` files; the
+            pages written are flushed and dropped from the process's memory as they fill, so
+            resident memory stays small whatever the cache size.
+        cache_dir: folder for those files (each call makes its own subfolder; default: a
+            temporary folder).
         device: defaults to the model's device.
         progress: show a progress bar.
         desc: progress bar label.
@@ -83,8 +153,6 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
             caching, as the second paper did before its EfficientNet probes (7: 112x112 -> 16x16).
     """
     if dtype not in _DTYPES:
-        from compress.errors import UserError
-
         raise UserError(f"unknown feature dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
     device = device or next(model.parameters()).device
     model.eval()
@@ -92,14 +160,17 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
     if pool:
         shapes = {t: _pooled_shape(s, pool) for t, s in shapes.items()}
     n = len(split)
-    total = sum(n * math.prod(s) for s in shapes.values()) * torch.tensor([], dtype=_DTYPES[dtype][0]).element_size()
-    on_disk = total > max_memory_gb * 2**30
-    folder = None
+    row_bytes = sum(math.prod(s) for s in shapes.values()) * torch.tensor([], dtype=_DTYPES[dtype][0]).element_size()
+    on_disk = n * row_bytes > max_memory_gb * 2**30
+    folder, maps = None, {}
     if on_disk:
-        folder = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="compress-features-"))
-        folder.mkdir(parents=True, exist_ok=True)
-    feats = {t: _allocate((n, *shapes[t]), dtype, folder / f"{t}.npy" if folder else None) for t in taps}
-    offset = 0
+        folder = _cache_folder(cache_dir)
+        maps = _open_maps(folder, {t: (n, *shapes[t]) for t in taps}, dtype, create=True)
+        feats = {t: torch.from_numpy(maps[t]) for t in taps}
+    else:
+        feats = {t: torch.empty((n, *shapes[t]), dtype=_DTYPES[dtype][0]) for t in taps}
+    start, stop = distributed.shard_range(n, batch_size)
+    offset, unreleased = start, 0
 
     def sink(name: str, out: torch.Tensor) -> None:
         if pool and out.dim() == 4:
@@ -107,14 +178,29 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
         feats[name][offset:offset + out.shape[0]] = out.detach().to("cpu", _DTYPES[dtype][0])
 
     with capture(model, taps, sink):
-        batches = iterate_batches(bundle, split, batch_size, device=device)
-        for x, _ in tqdm(batches, total=math.ceil(n / batch_size), desc=desc, disable=not progress, leave=False):
+        batches = iterate_batches(bundle, split, batch_size, device=device, order=torch.arange(start, stop))
+        for x, _ in tqdm(batches, total=math.ceil((stop - start) / batch_size), desc=desc,
+                         disable=not (progress and distributed.is_main()), leave=False):
             try:
                 model(x)
             except StopForward:
                 pass
             offset += x.shape[0]
-    return FeatureCache(feats, split.labels.clone(), on_disk=on_disk, folder=folder)
+            unreleased += x.shape[0] * row_bytes
+            if maps and unreleased >= _RELEASE_BYTES:
+                _release(maps)
+                unreleased = 0
+    if maps:
+        _release(maps)
+        if distributed.is_distributed():  # every block is in the files: map them afresh
+            maps = _open_maps(folder, {t: (n, *shapes[t]) for t in taps}, dtype, create=False)
+            feats = {t: torch.from_numpy(maps[t]) for t in taps}
+    elif distributed.is_distributed():
+        _share(feats, n, batch_size)
+    cache = FeatureCache(feats, split.labels.clone(), on_disk=on_disk, folder=folder, maps=maps)
+    if folder is not None and distributed.is_main():
+        weakref.finalize(cache, shutil.rmtree, folder, ignore_errors=True)
+    return cache
 
 
 @torch.inference_mode()

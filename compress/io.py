@@ -1,4 +1,8 @@
-"""Crash-safe file writing: every artifact goes to a temporary file and is renamed into place."""
+"""Crash-safe file writing: every artifact goes to a temporary file and is renamed into place.
+
+Under ``torchrun`` only rank 0 writes: on the other ranks these functions return the path
+without touching the disk, so a command's artifacts are written once whatever the process count.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 import torch
 
+from compress import distributed
 from compress.errors import UserError
 
 
@@ -18,6 +23,8 @@ os.umask(_UMASK)
 
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
+    if not distributed.is_main():
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -30,6 +30,7 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     pretrained: bool = False
+    checkpoint_skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def build_model(spec: ModelSpec, bundle: DataBundle, device: torch.device | None
     """The model of ``spec`` sized for ``bundle`` (classes, channels, resolution), with its checkpoint."""
     c, h, _ = bundle.input_size
     model = create_model(spec.name, num_classes=bundle.num_classes, in_chans=c, img_size=h,
-                         pretrained=spec.pretrained, checkpoint=spec.checkpoint, **spec.options)
+                         pretrained=spec.pretrained, checkpoint=spec.checkpoint,
+                         checkpoint_skip=spec.checkpoint_skip, **spec.options)
     return model.to(device or default_device())
 
 
@@ -91,7 +93,7 @@ def spec_from_checkpoint(spec: ModelSpec) -> ModelSpec:
     meta = read_meta(spec.checkpoint)
     name = spec.name or meta.get("model") or "vgg16"
     options = spec.options or (meta.get("options", {}) if name == meta.get("model") else {})
-    return ModelSpec(name, options, spec.checkpoint, spec.pretrained)
+    return ModelSpec(name, options, spec.checkpoint, spec.pretrained, spec.checkpoint_skip)
 
 
 def train(model_spec: ModelSpec, data_spec: DataSpec, cfg: TrainConfig, out: str | Path, *,
@@ -100,6 +102,7 @@ def train(model_spec: ModelSpec, data_spec: DataSpec, cfg: TrainConfig, out: str
     ``config.yaml`` in ``out``."""
     out = ensure_writable_dir(out)
     bundle = data_spec.load()
+    torch.manual_seed(cfg.seed)  # the initial weights follow the seed too
     model = build_model(model_spec, bundle)
     _write_config(out, model=model_spec, data=data_spec, train=cfg)
     meta = model_meta(model_spec, bundle)

@@ -139,6 +139,7 @@ class TrainOptions:
     augment: bool = True
     amp: bool = True
     seed: int = 0
+    lr_factors: dict[str, float] = field(default_factory=dict)
 
     def config(self):
         from compress.training import TrainConfig
@@ -148,9 +149,17 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class ModelSection:
+    """The model: a factory name and options, and where its weights come from.
+
+    ``checkpoint`` alone: analyse those weights. ``checkpoint`` or ``pretrained`` with ``train``:
+    transfer learning (``checkpoint_skip`` leaves e.g. the 1,000-label classifier out of the load).
+    ``train`` alone: train from scratch.
+    """
+
     name: str = "vgg16"
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    checkpoint_skip: list[str] = field(default_factory=list)
     pretrained: bool = False
     train: TrainOptions | None = None
 
@@ -370,6 +379,37 @@ def _check_taps(recipe: Recipe) -> None:
         hits = fnmatch.filter(modules, n) if any(ch in n for ch in "*?[") else [n] if n in modules else []
         if not hits:
             raise UserError(str(unknown_name(f"tap or layer of {recipe.model.name}", n, modules)))
+    _check_dilute_targets(recipe, model)
+
+
+def _check_dilute_targets(recipe: Recipe, model) -> None:
+    """Refuse a dilution count larger than the layer it would dilute (the widest candidate
+    layer when the tap is ``plateau``, which is known only after the analysis)."""
+    import torch
+
+    from compress.compression.dilute import find_tap_conv
+    from compress.models import resolve_taps
+
+    for i, step in enumerate(recipe.steps):
+        opts = step.options
+        if step.name != "dilute" or not isinstance(opts.target, int):
+            continue
+        if opts.layer is not None:
+            layers = [opts.layer]
+        elif opts.tap not in ("plateau", "last"):
+            layers = [find_tap_conv(model, opts.tap)]
+        else:
+            taps = resolve_taps(model, recipe.analysis.taps, (3, *(2 * [recipe.data.image_size or 32])))
+            layers = [find_tap_conv(model, t) for t in (taps[-1:] if opts.tap == "last" else taps)]
+        widths = {name: getattr(model.get_submodule(name), "out_channels", 0) for name in layers}
+        if not isinstance(model.get_submodule(layers[0]), torch.nn.Conv2d):
+            raise UserError(f"recipe.steps[{i}].dilute.layer {layers[0]!r} is a "
+                            f"{type(model.get_submodule(layers[0])).__name__}, not a Conv2d")
+        widest = max(widths, key=widths.get)
+        if opts.target > widths[widest]:
+            which = f"layer {widest}" if len(layers) == 1 else f"the widest layer a plateau tap can have ({widest})"
+            raise UserError(f"recipe.steps[{i}].dilute.target {opts.target} is larger than {which} with "
+                            f"{widths[widest]} filters; choose 1..{widths[widest]}, a fraction in (0, 1) or 'auto'")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -416,5 +456,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}; a recipe is plain "
+                        f"YAML (mappings, lists, numbers, strings), no !!python tags") from None
     return parse_recipe(apply_overrides(data or {}, overrides or []), str(path))

@@ -58,6 +58,10 @@ def write_report(result: AnalysisResult, folder: str | Path, filters_per_tap: in
     Returns:
         ``{"markdown": path, "html": path}``.
     """
+    from compress import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 draws and writes the report
+        return {"markdown": Path(folder) / "report.md", "html": Path(folder) / "report.html"}
     return write_document(folder, _title(result), _build_blocks(result, filters_per_tap))
 
 

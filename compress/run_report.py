@@ -68,6 +68,22 @@ def write_run_report(out: str | Path, records: list[dict[str, Any]], artifacts: 
     for i, r in enumerate(records[1:], start=1):
         blocks.append(Heading(3, f"{i}. {r['step']} ({r.get('seconds', 0):.1f} s)"))
         blocks += [Para(line) for line in _info_lines(r.get("info", {}))]
+    afcc = [r["info"] for r in records if r["step"] == "afcc"]
+    for info in afcc:
+        if "bytes_dense" in info:
+            text = (f"AFCC keeps {info['kept_weights']:,} of {info['dense_weights']:,} head weights "
+                    f"({100 * info['removed_fraction']:.1f} % removed; the papers' estimate N_f F_s C_s N_c is "
+                    f"{info['papers_estimate']:,.0f}). Stored as kept connections only, the head takes "
+                    f"{info['bytes_sparse']:,} bytes instead of {info['bytes_dense']:,} dense.")
+            lat = info.get("head_latency")
+            if lat:
+                faster = lat["sparse_b64_ms"] < lat["dense_b64_ms"]
+                text += (f" Its gather/scatter computation is {'faster' if faster else 'slower'} than the dense "
+                         f"matrix product on this machine (PyTorch, CPU): head alone "
+                         f"{lat['sparse_b1_ms']:.3f} ms vs {lat['dense_b1_ms']:.3f} ms dense at batch 1, "
+                         f"{lat['sparse_b64_ms']:.3f} vs {lat['dense_b64_ms']:.3f} ms at batch 64 (the convolutions "
+                         f"dominate the model's latency either way).")
+            blocks += [Heading(2, "AFCC: size and latency of the head"), Para(text)]
     if "bench" in artifacts:
         blocks += [Heading(2, "Latency"), Para("The measured latency comparison (onnxruntime and PyTorch, interleaved, "
                                                "median and p90) is bench/bench.html (Markdown: bench/bench.md).")]

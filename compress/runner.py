@@ -112,8 +112,8 @@ def measure(model: nn.Module, bundle: DataBundle) -> dict[str, float]:
 
 def _obtain_model(recipe: Recipe, bundle_spec: DataSpec, out: Path, progress: bool) -> tuple[nn.Module, DataBundle]:
     m = recipe.model
-    spec = ModelSpec(m.name, dict(m.options), m.checkpoint, m.pretrained)
-    if m.checkpoint is None and m.train is not None:
+    spec = ModelSpec(m.name, dict(m.options), m.checkpoint, m.pretrained, tuple(m.checkpoint_skip))
+    if m.train is not None:  # from scratch, or transfer learning from a checkpoint / pretrained weights
         model, _, bundle = train(spec, bundle_spec, m.train.config(), out / "train", progress=progress)
         return model, bundle
     bundle = bundle_spec.load()
@@ -280,9 +280,32 @@ def _step_afcc(state: RunState, opts, folder: Path) -> dict[str, Any]:
             select_trainable(state.model, [head_path, *_last_stage(state.model, tap)])
         info["finetune"] = _finetune(state, opts.finetune, folder)
     if opts.sparse:
+        dense = copy.deepcopy(state.model.get_submodule(head_path)).cpu()
         compress_head(state.model, head_path, mask, current.spatial)
         del state.masks[head_path]
+        info["head_latency"] = _head_latency(dense, state.model.get_submodule(head_path))
     return info
+
+
+def _head_latency(dense: nn.Module, sparse: nn.Module) -> dict[str, float]:
+    """Median milliseconds of the dense masked head and of the stored kept connections alone
+    (PyTorch, CPU), at batch 1 and 64: what AFCC's compact storage does to the head's speed."""
+    from compress.bench import time_interleaved
+
+    sparse = copy.deepcopy(sparse).cpu().eval()
+    out = {}
+    for b in (1, 64):
+        x = torch.randn(b, dense.in_features)
+
+        def run(m, x=x):
+            with torch.inference_mode():
+                return m(x)
+
+        stats = time_interleaved({"dense": lambda: run(dense), "sparse": lambda: run(sparse)}, batch=b, warmup=5,
+                                 repeats=30)
+        out[f"dense_b{b}_ms"] = stats["dense"].median_ms
+        out[f"sparse_b{b}_ms"] = stats["sparse"].median_ms
+    return out
 
 
 def _last_stage(model: nn.Module, tap: str) -> list[str]:

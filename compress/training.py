@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compress import distributed
 from compress.data import DataBundle, ImageSet, iterate_batches
 from compress.errors import UserError
 from compress.io import atomic_torch_save, atomic_write_text
@@ -46,6 +47,7 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True
     seed: int = 0
+    lr_factors: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine", "onecycle"):
@@ -59,16 +61,26 @@ def default_device() -> torch.device:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Two groups: parameters of ``nn.Linear`` layers ("fc") and all others ("conv")."""
+    """Parameter groups: ``nn.Linear`` parameters ("fc") apart from all others ("conv"), each
+    split further by the learning-rate factor of ``cfg.lr_factors`` (longest matching module
+    prefix; e.g. ``{"blocks": 0.1, "classifier": 1.0}``, the second paper's per-stage factors)."""
     fc_ids = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    conv = [p for p in params if id(p) not in fc_ids]
-    fc = [p for p in params if id(p) in fc_ids]
-    groups = [{"name": "conv", "params": conv, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay},
-              {"name": "fc", "params": fc, "lr": cfg.lr if cfg.lr_fc is None else cfg.lr_fc,
-               "momentum": cfg.momentum if cfg.momentum_fc is None else cfg.momentum_fc,
-               "weight_decay": cfg.weight_decay if cfg.weight_decay_fc is None else cfg.weight_decay_fc}]
-    return [g for g in groups if g["params"]]
+    factors = dict(cfg.lr_factors or {})
+    groups: dict[tuple[str, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hits = [k for k in factors if name == k or name.startswith(k + ".")]
+        factor = factors[max(hits, key=len)] if hits else 1.0
+        groups.setdefault(("fc" if id(p) in fc_ids else "conv", factor), []).append(p)
+    out = []
+    for (kind, factor), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != "conv", -kv[0][1])):
+        lr = cfg.lr if kind == "conv" or cfg.lr_fc is None else cfg.lr_fc
+        fc = kind == "fc"
+        out.append({"name": kind if factor == 1.0 else f"{kind}x{factor:g}", "params": params, "lr": lr * factor,
+                    "momentum": cfg.momentum_fc if fc and cfg.momentum_fc is not None else cfg.momentum,
+                    "weight_decay": cfg.weight_decay_fc if fc and cfg.weight_decay_fc is not None else cfg.weight_decay})
+    return out
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -98,16 +110,21 @@ def _lr_factor(cfg: TrainConfig, epoch: float) -> float:
 @torch.inference_mode()
 def evaluate(model: nn.Module, bundle: DataBundle, split: ImageSet | None = None, batch_size: int = 500,
              device: torch.device | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (default: the test split)."""
+    """Top-1 accuracy of ``model`` on ``split`` (default: the test split).
+
+    Under ``torchrun`` each process counts a contiguous block of the split and the counts are
+    summed: every process must call it, and all get the same answer.
+    """
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
-    correct = 0
     split = bundle.test if split is None else split
-    for x, y in iterate_batches(bundle, split, batch_size, device=device):
+    start, stop = distributed.shard_range(len(split), batch_size)
+    correct = torch.zeros((), dtype=torch.float64)
+    for x, y in iterate_batches(bundle, split, batch_size, device=device, order=torch.arange(start, stop)):
         correct += (model(x).argmax(1) == y).sum().item()
     model.train(was)
-    return correct / max(1, len(split))
+    return distributed.all_reduce_sum(correct).item() / max(1, len(split))
 
 
 def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | Path, *,
@@ -117,6 +134,13 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
 
     A run started again with the same ``out_dir`` resumes after the last finished epoch; shuffling
     and augmentation are seeded per epoch, so a resumed run ends where an uninterrupted one would.
+
+    Under ``torchrun`` with several processes the model is wrapped in ``DistributedDataParallel``.
+    ``cfg.batch_size`` stays the global batch: each of the W processes takes
+    ``batch_size // W`` samples per step from its shard of the epoch's permutation
+    (:func:`compress.distributed.shard_indices`), so the learning rates mean the same at any W.
+    Rank 0 writes the checkpoint and the history; every rank resumes from the same checkpoint
+    (on storage all nodes share). The weights saved are the unwrapped model's.
 
     Args:
         model: the network (moved to ``device``).
@@ -144,29 +168,45 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
     history: list[dict[str, float]] = []
     start = 0
     ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
+    world = distributed.world_size()
+    progress = progress and distributed.is_main()
+    if resume and _checkpoint_visible(ckpt_path, world):
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history = json.loads(state["history"])
         start = int(state["epoch"]) + 1
+    net, batch_size = model, cfg.batch_size
+    if world > 1:
+        if cfg.batch_size < world:
+            raise UserError(f"batch size {cfg.batch_size} is smaller than the {world} processes; use at least {world}")
+        batch_size = cfg.batch_size // world
+        if any(p.requires_grad for p in model.parameters()):
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
     for epoch in range(start, cfg.epochs):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(cfg, epoch)
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        _train_mode(model)
+        order = None
+        if world > 1:  # the same permutation everywhere, one shard each; augmentation differs per rank
+            order = distributed.shard_indices(len(bundle.train), cfg.seed * 100003 + epoch)
+            gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 1009 + distributed.rank())
+        _train_mode(net)
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        batches = iterate_batches(bundle, bundle.train, cfg.batch_size, shuffle=True, augmented=cfg.augment,
-                                  generator=gen, device=device)
-        bar = tqdm(batches, total=math.ceil(len(bundle.train) / cfg.batch_size), disable=not progress,
+        batches = iterate_batches(bundle, bundle.train, batch_size, shuffle=True, augmented=cfg.augment,
+                                  generator=gen, device=device, order=order)
+        steps_per_epoch = max(1, math.ceil((len(bundle.train) if order is None else len(order)) / batch_size))
+        bar = tqdm(batches, total=steps_per_epoch, disable=not progress,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        steps_per_epoch = max(1, math.ceil(len(bundle.train) / cfg.batch_size))
         for step, (x, y) in enumerate(bar):
             if cfg.schedule != "step":  # smooth schedules move every step
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * _lr_factor(cfg, epoch + step / steps_per_epoch)
             with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -178,6 +218,9 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if world > 1:  # the epoch's figures over all processes
+            seen, loss_sum, correct = distributed.all_reduce_sum(
+                torch.tensor([seen, loss_sum, correct], dtype=torch.float64)).tolist()
         test_acc = evaluate(model, bundle, device=device)
         history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
                         "train_acc": correct / seen, "test_acc": test_acc, "seconds": time.perf_counter() - t0})
@@ -185,11 +228,24 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
             h = history[-1]
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  train {h['train_acc']:.4f}  "
                        f"test {test_acc:.4f}  ({h['seconds']:.1f} s)")
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                           "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
-                           "meta": json.dumps(meta or {})}, ckpt_path)
-        atomic_write_text(out_dir / "history.json", json.dumps(history, indent=2))
+        if distributed.is_main():
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                               "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
+                               "meta": json.dumps(meta or {})}, ckpt_path)
+            atomic_write_text(out_dir / "history.json", json.dumps(history, indent=2))
+        distributed.barrier()
     return history
+
+
+def _checkpoint_visible(path: Path, world: int) -> bool:
+    """Whether to resume from ``path``: every process must see it, or none."""
+    if world == 1:
+        return path.is_file()
+    seen = int(distributed.all_reduce_sum(torch.tensor([int(path.is_file())])).item())
+    if 0 < seen < world:
+        raise UserError(f"{str(path)!r} exists for {seen} of {world} processes; put --out on storage every node "
+                        f"shares, or pass --no-resume")
+    return seen == world
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -30,10 +30,22 @@ def test_float16_and_disk_cache(small_digits, tmp_path):
     assert half.nbytes * 2 == ref.nbytes
     disk = extract_features(model, small_digits, small_digits.test, TAPS, max_memory_gb=1e-6, cache_dir=tmp_path,
                             progress=False)
-    assert disk.on_disk and sorted(p.name for p in tmp_path.glob("*.npy")) == sorted(f"{t}.npy" for t in TAPS)
+    assert disk.on_disk and disk.folder.parent == tmp_path  # each cache in its own folder under cache_dir
+    assert sorted(p.name for p in disk.folder.glob("*.npy")) == sorted(f"{t}.npy" for t in TAPS)
     for t in TAPS:
         assert torch.equal(disk.features[t], ref.features[t])
         assert torch.allclose(half.features[t].float(), ref.features[t], rtol=1e-2, atol=1e-2)
+    again = extract_features(model, small_digits, small_digits.train, TAPS, max_memory_gb=1e-6, cache_dir=tmp_path,
+                             progress=False)  # a second cache in the same cache_dir leaves the first intact
+    assert again.folder != disk.folder
+    for t in TAPS:
+        assert torch.equal(disk.features[t], ref.features[t])
+    folder = disk.folder
+    del disk
+    import gc
+
+    gc.collect()
+    assert not folder.exists()  # the files go with the cache
 
 
 def test_tap_pooling(small_digits):

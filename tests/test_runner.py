@@ -83,3 +83,30 @@ def test_saved_models_replay(run):
     x = torch.zeros(2, *meta["input_size"])
     assert model(x).shape == (2, 10)
     assert [t["kind"] for t in meta["transforms"]] == ["trim", "prune"]
+
+
+STAGE_RECIPE = """
+name: resnet
+model:
+  name: timm:resnet18
+  train: {epochs: 1, lr: 0.01, momentum: 0.9}
+data: {name: digits, limit_train: 300, limit_test: 100}
+analysis: {probe_epochs: 2}
+steps:
+  - remove_blocks: {keep: {layer3: 1, layer4: 1}}
+  - afcc: {head: fc, train: head, finetune: {epochs: 1, lr: 0.001}}
+  - export: {}
+"""
+
+
+@pytest.mark.slow
+def test_stage_model_recipe_with_afcc_on_its_classifier(tmp_path):
+    (tmp_path / "r.yaml").write_text(STAGE_RECIPE)
+    assert main(["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    afcc = summary["steps"][2]["info"]
+    assert afcc["kept_weights"] < afcc["dense_weights"] == 512 * 10
+    model, meta = load_model(tmp_path / "out" / "model.pt")
+    assert [t["kind"] for t in meta["transforms"]] == ["remove_blocks", "afcc"]
+    assert len(model.layer3) == 1 and type(model.fc).__name__ == "SparseHead"
+    assert summary["steps"][3]["info"]["model"]["argmax_agreement"] == 1.0

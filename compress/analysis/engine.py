@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from compress import distributed
 from compress.analysis.clusters import find_clusters_batched, noise_batched
 from compress.analysis.fields import clip_fields, field_matrices, normalize_fields
 from compress.analysis.result import AnalysisResult, TapAnalysis
@@ -100,12 +101,42 @@ def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes
     )
 
 
+def _fit_probes(cfg: AnalysisConfig, k: int, taps: Sequence[str], train: FeatureCache, test: FeatureCache,
+                progress: bool) -> dict[str, tuple[torch.Tensor, float, float]]:
+    """Train one probe per tap: ``{tap: (weight (K, D), test accuracy, train accuracy)}``.
+
+    Each probe is trained by one process (tap i on rank i mod W, all in parallel), then shared.
+    """
+    world, me = distributed.world_size(), distributed.rank()
+    out = {}
+    for i, name in enumerate(tqdm(taps, desc="probes", disable=not progress, leave=False)):
+        if i % world == me:
+            p = cfg.make_probe(k).fit(train.features[name], train.labels, progress=progress, desc=f"probe {name}")
+            out[name] = (p.coef_, p.score(test.features[name], test.labels),
+                         p.score(train.features[name], train.labels))
+            train.release()  # on-disk caches: the next tap starts from a small resident set
+            test.release()
+    if world > 1:
+        for i, name in enumerate(taps):
+            weight = out[name][0] if name in out else torch.zeros(k, train.features[name][0].numel())
+            scores = torch.tensor(out[name][1:] if name in out else [0.0, 0.0], dtype=torch.float64)
+            distributed.broadcast_(weight, src=i % world)
+            distributed.broadcast_(scores, src=i % world)
+            out[name] = (weight, *scores.tolist())
+    return out
+
+
 def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg: AnalysisConfig = AnalysisConfig(),
                   *, model_name: str = "", progress: bool = True, timings: dict | None = None) -> AnalysisResult:
     """Run phases 2 and 3 of the method on a trained ``model``.
 
     Features of all taps come from one pass over the training and one over the test images;
     each probe then trains on the cached features only.
+
+    Under ``torchrun`` the passes are split across processes (every process ends with the full
+    caches), the probes are dealt round-robin (tap i is trained by rank i mod W with the same
+    seed a single process would use, and its weight and scores are broadcast), and the phase-3
+    sums are added across processes. Every process returns the same result.
 
     Args:
         model: the trained network (left unchanged).
@@ -127,18 +158,15 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
     test = extract_features(model, bundle, bundle.test, taps, desc="features (test)", **common)
     timings["features"] = time.perf_counter() - t0
     k = bundle.num_classes
-    probes = {}
     t0 = time.perf_counter()
-    for name in tqdm(taps, desc="probes", disable=not progress, leave=False):
-        probes[name] = cfg.make_probe(k).fit(train.features[name], train.labels, progress=progress, desc=f"probe {name}")
+    probes = _fit_probes(cfg, k, taps, train, test, progress and distributed.is_main())
     timings["probes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = []
     for name in taps:
-        p = probes[name]
-        results.append(analyze_tap(name, p.coef_, test, k, cfg.threshold,
-                                   accuracy=p.score(test.features[name], test.labels),
-                                   train_accuracy=p.score(train.features[name], train.labels)))
+        weight, accuracy, train_accuracy = probes[name]
+        results.append(analyze_tap(name, weight, test, k, cfg.threshold, accuracy=accuracy,
+                                   train_accuracy=train_accuracy))
     timings["phase3"] = time.perf_counter() - t0
     plateau = find_plateau([r.accuracy for r in results], cfg.plateau_tolerance)
     return AnalysisResult(model=model_name, dataset=bundle.name, label_names=list(bundle.label_names), taps=results,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from compress import distributed
+
 __all__ = ["field_matrices", "normalize_fields", "clip_fields"]
 
 
@@ -15,6 +17,10 @@ def field_matrices(features: torch.Tensor, labels: torch.Tensor, weight: torch.T
     Filter c's field on output j for input n is ``sum_hw W[j, c, h, w] * a[n, c, h, w]``: the
     probe's output when every weight but filter c's is silenced. One einsum gives it for all
     filters; ``index_add`` sums it per true label.
+
+    Under ``torchrun`` every process passes the same ``features`` and sums only its contiguous
+    block of rows; the per-class sums and decision counts are then added across processes, so
+    every process returns the matrices of the whole set.
 
     Args:
         features: (N, C, H, W) tap outputs of the test inputs (any float dtype, may be memory-mapped).
@@ -37,14 +43,18 @@ def field_matrices(features: torch.Tensor, labels: torch.Tensor, weight: torch.T
     sums = torch.zeros(k, c, k, dtype=torch.float64, device=device)
     counts = torch.zeros(k * c * k, dtype=torch.float64, device=device)
     filt = torch.arange(c, device=device).view(1, -1)
-    for start in range(0, n, batch_size):
-        a = features[start:start + batch_size].to(device, torch.float32)
-        y = labels[start:start + batch_size].to(device)
+    first, last = distributed.shard_range(n)
+    for start in range(first, last, batch_size):
+        stop = min(last, start + batch_size)
+        a = features[start:stop].to(device, torch.float32)
+        y = labels[start:stop].to(device)
         f = torch.einsum("nc...,kc...->nck", a, w)  # (n, C, K)
         sums.index_add_(0, y, f.double())
         nonzero = (f != 0).any(2)  # (n, C)
         flat = (y.view(-1, 1) * c + filt) * k + f.argmax(2)
         counts += torch.bincount(flat.flatten(), weights=nonzero.flatten().double(), minlength=k * c * k)
+    distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(counts)
     fields = sums.permute(1, 0, 2).contiguous()
     counts = counts.view(k, c, k).permute(1, 0, 2)
     decision = counts / counts.sum(2, keepdim=True).clamp_min(1)

@@ -142,7 +142,8 @@ def select_filters(cluster_ids: ArrayLike, scores: ArrayLike | None = None, *, t
     if min_coverage < 1:
         raise UserError(f"min_coverage must be at least 1, got {min_coverage}")
     if target is not None and target > c:
-        raise UserError(f"dilution target {target} is larger than layer {layer} with {c} filters")
+        raise UserError(f"dilution target {target} is larger than layer {layer} with {c} filters; "
+                        f"choose 1..{c} filters, a fraction in (0, 1) or 'auto'")
     if target is not None and target < 1:
         raise UserError(f"dilution target must be at least 1 filter, got {target}")
     scores = torch.zeros(c) if scores is None else torch.as_tensor(np.asarray(scores))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ def available_models() -> list[str]:
 
 def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
                  pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
-                 **kwargs: Any) -> nn.Module:
+                 checkpoint_skip: Sequence[str] = (), **kwargs: Any) -> nn.Module:
     """Build a model by name and optionally load a checkpoint into it.
 
     Args:
@@ -35,6 +35,7 @@ def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_siz
         pretrained: ask timm/torchvision for pretrained weights (downloads; never used in tests).
         checkpoint: a ``.pt``/``.pth`` state dict (or a training checkpoint holding one under
             ``"model"``) or a ``.safetensors`` file.
+        checkpoint_skip: module prefixes not loaded from the checkpoint (see :func:`load_checkpoint`).
         **kwargs: architecture options (own models: ``width``, ``batch_norm``, ``fc_hidden``).
     """
     if name.startswith("timm:"):
@@ -62,7 +63,7 @@ def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_siz
         except TypeError as e:
             raise UserError(f"bad option for model {name!r}: {e}") from None
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, skip=checkpoint_skip)
     return model
 
 
@@ -85,7 +86,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"checkpoint {str(path)!r} carries pickled code and was refused; save a state dict "
                             f"(torch.save(model.state_dict(), ...)) or use safetensors") from None
-        raise UserError(f"checkpoint {str(path)!r} cannot be read ({msg}); is it truncated or not a PyTorch file?") from None
+        raise UserError(f"checkpoint {str(path)!r} cannot be read ({msg}); it is truncated or not a PyTorch file: "
+                        f"give a complete .pt/.pth state dict or a .safetensors file") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -95,11 +97,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a checkpoint into ``model``; any missing, unexpected or mis-shaped key is an error naming it."""
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, skip: Sequence[str] = ()) -> nn.Module:
+    """Load a checkpoint into ``model``; any missing, unexpected or mis-shaped key is an error naming it.
+
+    Args:
+        model: the network.
+        path: the checkpoint.
+        skip: module-path prefixes left as they are (e.g. ``["classifier"]`` when fine-tuning
+            ImageNet weights on 100 labels): their keys are neither loaded nor checked.
+    """
     state = read_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
-    own = model.state_dict()
+
+    def skipped(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in skip)
+
+    state = {k: v for k, v in state.items() if not skipped(k)}
+    own = {k: v for k, v in model.state_dict().items() if not skipped(k)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -109,6 +123,23 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
             if items:
                 parts.append(f"{label}: " + ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else ""))
-        raise UserError(f"checkpoint {str(path)!r} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state)
+        raise UserError(f"checkpoint {str(path)!r} does not fit the model: " + "; ".join(parts) + _saved_for(path))
+    model.load_state_dict(state, strict=not skip)
     return model
+
+
+def _saved_for(path: str | os.PathLike) -> str:
+    """What a checkpoint says it was saved for (its ``meta``), as a hint for a mismatch."""
+    import json
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(obj["meta"]) if isinstance(obj, dict) and isinstance(obj.get("meta"), str) else {}
+    except Exception:
+        return ""
+    if not meta.get("model"):
+        return "; pass the --model and options (and --labels) it was trained with"
+    opts = " ".join(f"{k}={v}" for k, v in meta.get("options", {}).items())
+    classes = meta.get("num_classes", len(meta.get("label_names", [])))
+    return (f"; it was saved for model {meta['model']!r}" + (f" ({opts})" if opts else "")
+            + f" with {classes} classes: use that model and data")

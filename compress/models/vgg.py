@@ -8,12 +8,14 @@ pooling modules, declared in ``model.feature_info`` as timm does.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from compress.errors import UserError
 from compress.models.registry import register_model
 
 # (out_channels, pooling after this conv: None | ("max", k) | ("avg", k))
@@ -45,7 +47,7 @@ class VGG(nn.Module):
                  fc_hidden: Sequence[int] = ()):
         super().__init__()
         if width <= 0:
-            raise ValueError(f"width must be > 0, got {width}")
+            raise UserError(f"width must be > 0, got {width}; 1.0 is the papers' width, 0.25 is CPU scale")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         self.feature_info: list[dict] = []
         c_in, size, reduction = in_chans, img_size, 1
@@ -65,7 +67,9 @@ class VGG(nn.Module):
                 )
             c_in = c_out
         if size < 1:
-            raise ValueError(f"img_size {img_size} is too small for {len(self.feature_info)} poolings")
+            smallest = math.prod(pool[1] for _, pool in cfg if pool)
+            raise UserError(f"img_size {img_size} is too small for this VGG's {len(self.feature_info)} poolings; "
+                            f"inputs need at least {smallest}x{smallest} pixels (resize with --image-size {smallest})")
         self.features = nn.Sequential(layers)
         self.num_features = c_in * size * size
         head: OrderedDict[str, nn.Module] = OrderedDict()
