@@ -1,0 +1,386 @@
+"""Real CIFAR-10 head to head: the mechanism's recipes against Torch-Pruning's criteria at equal budgets.
+
+From the trained base model (``benchmarks/train_cifar10_base.py``) it runs the full analysis
+(probes at the papers' taps on the whole training set, plus the ReLU after every other conv so
+that each conv has cluster statistics), builds every variant from a fresh copy of the base,
+fine-tunes each with one fixed budget, and times all of them interleaved in one onnxruntime
+process. Variants:
+
+- the recipes: ``trim`` (at the plateau, probe as head), ``dilute`` (the plateau conv by label
+  coverage), ``afcc`` (at the plateau, head+stage fine-tune), ``trim+dilute+afcc``;
+- ``mechanism-multi``: trim at the plateau, then every conv pruned by cluster coverage
+  (``ClusterCoverageImportance``) through Torch-Pruning to ``--flops-target`` of the base FLOPs;
+- ``coverage@flops``: the coverage criterion alone on the untrimmed model, same FLOPs (a control
+  with the baselines' architecture);
+- ``<criterion>@flops`` / ``<criterion>@params``: Torch-Pruning's L1, Taylor, BN-scale and random
+  criteria pruned to mechanism-multi's FLOPs / parameter count.
+
+Each variant is saved under ``--out/models/<name>/`` and skipped when its ``model.pt`` exists, so
+the run can be split (``--variants``) and resumed. Results: ``--results/<tag>.md``, ``.png``,
+``.txt`` (everything printed) and ``<tag>_analysis/`` (the analysis report without arrays).
+
+    python benchmarks/cifar10_headtohead.py --threads 1 --finetune-epochs 3 --probe-epochs 30 --bench-repeats 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.analysis import AnalysisConfig, analyze_model, load_analysis
+from compress.bench import BenchResult, run_bench
+from compress.compression.baselines import accumulate_gradients, make_importance, needs_gradients, prune_to_target
+from compress.compression.dilute import (ClusterCoverageImportance, coverage, filter_scores, find_tap_conv,
+                                         rank_filters)
+from compress.data import iterate_batches, load_data
+from compress.models.serialize import load_model, save_model
+from compress.pipeline import DataSpec, ModelSpec, analyze, environment
+from compress.recipes import (AfccOptions, AnalysisSection, DataSection, DiluteOptions, FinetuneOptions,
+                              ModelSection, Recipe, TrimOptions)
+from compress.runner import _STEPS, RunState, measure
+
+from cifar10_headtohead_report import write_results  # noqa: E402  (next to this script)
+
+HERE = Path(__file__).resolve().parent
+
+CRITERIA = ["l1", "taylor", "bn-scale", "random"]
+MECHANISM = ["trim", "dilute", "afcc", "trim+dilute+afcc", "mechanism-multi", "mechanism-multi-r8", "coverage@flops"]
+VARIANTS = MECHANISM + [f"{c}@{m}" for m in ("flops", "params") for c in CRITERIA]
+
+
+class Log:
+    """print() that also appends to this invocation's log (all logs become the results' .txt)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, *parts: Any) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def fmt(m: dict[str, float]) -> str:
+    return f"params {m['params']:,}  FLOPs {m['flops']:,}  accuracy {m['accuracy']:.4f}"
+
+
+def subset(bundle, n: int | None, seed: int = 0):
+    """The same fixed random ``n`` training images for every model (``None``: all)."""
+    if n is None or n >= len(bundle.train):
+        return bundle
+    idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return dataclasses.replace(bundle, train=bundle.train.subset(idx))
+
+
+@torch.inference_mode()
+def per_label_accuracy(model: nn.Module, bundle) -> list[float]:
+    model.eval()
+    k = bundle.num_classes
+    hit, total = torch.zeros(k), torch.zeros(k)
+    for x, y in iterate_batches(bundle, bundle.test, 500, device=next(model.parameters()).device):
+        hit += torch.bincount(y[model(x).argmax(1) == y], minlength=k).float()
+        total += torch.bincount(y, minlength=k).float()
+    return (hit / total.clamp(min=1)).tolist()
+
+
+# ------------------------------------------------------------------------------------ analysis
+
+
+def run_analysis(args, base: Path, model: nn.Module, meta: dict, bundle, log: Log):
+    """The papers' analysis (default taps, full training set) and one ReLU tap for every other conv."""
+    cfg = AnalysisConfig(probe_epochs=args.probe_epochs, feature_dtype="float16")
+    folder = args.out / "analysis"
+    t0 = time.perf_counter()
+    if (folder / "analysis.json").is_file():
+        main = load_analysis(folder)
+    else:
+        spec = ModelSpec(meta["model"], meta.get("options", {}), str(base))
+        main = analyze(spec, DataSpec(f"imagefolder:{args.data_dir}"), cfg, folder, model=model, bundle=bundle,
+                       progress=False)
+    have = {find_tap_conv(model, t.name) for t in main.taps}
+    taps = [n.replace("conv", "relu") for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in have]
+    folder = args.out / "analysis-convs"
+    if (folder / "analysis.json").is_file():
+        extra = load_analysis(folder)
+    else:
+        extra = analyze_model(model, subset(bundle, args.conv_stats_train), taps, cfg, model_name=meta["model"],
+                              progress=False)
+        extra.save(folder)
+    log(f"analysis: plateau {main.plateau}; probe accuracy per tap "
+        + ", ".join(f"{t.name} {t.accuracy:.4f}" for t in main.taps) + f"  ({time.perf_counter() - t0:.0f} s)")
+    log("conv statistics: " + ", ".join(f"{t.name} acc {t.accuracy:.3f} n {t.stats.noise:.2f}" for t in extra.taps))
+    stats = {find_tap_conv(model, t.name): t for t in [*main.taps, *extra.taps]}
+    return main, extra, stats
+
+
+# ------------------------------------------------------------------------------------ variants
+
+
+def fresh_state(args, base: Path, bundle, analysis, folder: Path) -> RunState:
+    model, meta = load_model(base)
+    model.train()
+    recipe = Recipe("cifar10-headtohead", ModelSection(meta["model"], dict(meta["options"]), str(base)),
+                    DataSection(f"imagefolder:{args.data_dir}"),
+                    AnalysisSection(probe_epochs=args.probe_epochs, feature_dtype="float16"), ())
+    return RunState(recipe, model, bundle, meta, copy.deepcopy(analysis), folder, progress=False)
+
+
+def prune(state: RunState, importance, target: float, metric: str, round_to: int | None, args) -> dict[str, Any]:
+    now = measure(state.model, state.bundle)[metric]
+    if now <= target * (1 + args.tol):  # e.g. trimming alone already reached mechanism-multi's target
+        return {"skipped": f"{metric} {now:,} already within the target {target:,.0f}"}
+    if needs_gradients(importance):
+        accumulate_gradients(state.model, state.bundle, batches=args.taylor_batches)
+    info = prune_to_target(state.model, importance, target, metric=metric, tol=args.tol, round_to=round_to)
+    info.pop("trials")
+    return info
+
+
+def plan(name: str, args, stats: dict, targets: dict | None) -> list[tuple[str, Any]]:
+    """The steps of a variant: registered runner steps by name, or ``("prune", (importance, target, metric,
+    round_to))``."""
+    budget = FinetuneOptions(epochs=args.finetune_epochs, lr=args.finetune_lr, momentum=0.9, weight_decay=5e-4,
+                             schedule="cosine", seed=0)
+    trim, tune = ("trim", TrimOptions("plateau")), ("finetune", budget)
+    dilute = ("dilute", DiluteOptions(tap="plateau", target=args.dilute_target, min_coverage=args.min_coverage))
+    coverage_imp = ClusterCoverageImportance(stats, min_coverage=args.min_coverage)
+    plans = {
+        "trim": [trim, tune],
+        "dilute": [dilute, tune],
+        "afcc": [("afcc", AfccOptions(tap="plateau", train="head+stage", finetune=budget))],
+        "trim+dilute+afcc": [trim, dilute, ("afcc", AfccOptions(tap="plateau", train="all", finetune=budget))],
+    }
+    if name in plans:
+        return plans[name]
+    if name.startswith("mechanism-multi"):  # -r8: widths multiples of 8 (faster kernels, coarser FLOPs)
+        target = args.flops_target * targets["base_flops"]
+        return [trim, ("prune", (coverage_imp, target, "flops", 8 if name.endswith("r8") else args.round_to)), tune]
+    criterion, metric = name.split("@")
+    imp = coverage_imp if criterion == "coverage" else make_importance(criterion)
+    return [("prune", (imp, targets[metric], metric, args.round_to)), tune]
+
+
+def apply_steps(state: RunState, steps, args, log: Log) -> list[dict[str, Any]]:
+    records = []
+    for i, (step, opts) in enumerate(steps, start=1):
+        t0 = time.perf_counter()
+        if step == "prune":
+            info = prune(state, *opts, args)
+        else:
+            info = _STEPS[step](state, opts, state.out / "steps" / f"{i:02d}-{step}") or {}
+        for p in state.model.parameters():
+            p.requires_grad_(True)
+        after = measure(state.model, state.bundle)
+        seconds = time.perf_counter() - t0
+        log(f"  {step:9s} {fmt(after)}  ({seconds:.0f} s)")
+        records.append({"step": step, "info": info, "after": after, "seconds": seconds})
+    return records
+
+
+def mechanism_targets(args, base: Path, bundle, analysis, stats, log: Log) -> dict[str, Any]:
+    """FLOPs and parameters of mechanism-multi (trimmed, coverage-pruned): the baselines' budgets."""
+    path = args.out / "targets.json"
+    if path.is_file():
+        targets = json.loads(path.read_text())
+        if (targets["flops_target"], targets["round_to"]) != (args.flops_target, args.round_to):
+            raise SystemExit(f"error: {path} was made with --flops-target {targets['flops_target']} --round-to "
+                             f"{targets['round_to']}; use those or remove it (and the variants built on it)")
+        return targets
+    state = fresh_state(args, base, bundle, analysis, args.out / "targets")
+    base_m = measure(state.model, bundle)
+    log(f"base: {fmt(base_m)}")
+    targets = {"base_flops": base_m["flops"], "base_params": base_m["params"], "base_accuracy": base_m["accuracy"],
+               "flops_target": args.flops_target, "round_to": args.round_to}
+    log("mechanism-multi structure (for the targets):")
+    apply_steps(state, plan("mechanism-multi", args, stats, targets)[:2], args, log)
+    targets.update(flops=measure(state.model, bundle)["flops"], params=sum(p.numel() for p in state.model.parameters()))
+    path.write_text(json.dumps(targets, indent=2))
+    return targets
+
+
+def build_variant(name: str, args, base: Path, bundle, analysis, stats, targets, log: Log) -> None:
+    folder = args.out / "models" / name.replace("@", "-at-").replace("+", "-")
+    if (folder / "model.pt").is_file():
+        log(f"{name}: done before ({folder / 'model.pt'})")
+        return
+    if not claim(folder / "building.lock"):
+        log(f"{name}: being built by another process; skipped")
+        return
+    try:
+        log(f"{name}:")
+        torch.manual_seed(0)
+        state = fresh_state(args, base, bundle, analysis, folder)
+        records = apply_steps(state, plan(name, args, stats, targets), args, log)
+        save_info(name, args, state, records, stats, bundle, folder)
+    finally:
+        (folder / "building.lock").unlink(missing_ok=True)
+
+
+def claim(lock: Path) -> bool:
+    """Take ``lock`` for this process (two processes may share the variant list); a dead owner's lock is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return claim(lock)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def save_info(name: str, args, state: RunState, records: list, stats: dict, bundle, folder: Path) -> None:
+    doc = {"name": name, "steps": records, "per_label_accuracy": per_label_accuracy(state.model, bundle),
+           "transforms": [t.get("kind") for t in getattr(state.model, "compress_transforms", [])]}
+    if name.startswith("mechanism-multi"):  # which labels each pruned conv still covers (cluster statistics)
+        doc["coverage"] = {}
+        for step in records:
+            for conv, width in step["info"].get("widths", {}).items():
+                if conv in stats:
+                    kept = rank_filters(stats[conv].cluster_ids, filter_scores(stats[conv]),
+                                        min_coverage=args.min_coverage)[:width]
+                    doc["coverage"][conv] = {"kept": width, "of": stats[conv].n_filters,
+                                             "noise": stats[conv].stats.noise,
+                                             "no_cluster": stats[conv].stats.filters_without_cluster,
+                                             "per_label": coverage(stats[conv].cluster_ids, kept).tolist()}
+    (folder / "info.json").write_text(json.dumps(doc, indent=2, default=str))
+    save_model(state.model, folder / "model.pt", state.meta)
+
+
+def layer_sensitivity(base: Path, bundle, stats: dict, widths: dict[str, int], *, min_coverage: int = 1,
+                      n_test: int = 2000) -> list[list[str]]:
+    """Accuracy of the base with ONE conv pruned to mechanism-multi's width, the filters kept chosen by
+    cluster coverage or by Torch-Pruning's group L1 (no fine-tuning, the first ``n_test`` test images)."""
+    import torch_pruning as tp
+
+    from compress.compression.dilute import dilute
+    from compress.training import evaluate
+
+    small = dataclasses.replace(bundle, test=bundle.test.subset(torch.arange(min(n_test, len(bundle.test)))))
+    full = f"{100 * evaluate(load_model(base)[0], small):.1f}"
+    rows = [["(none: the base)", "-", "-", full, full, "-"]]
+    for conv, width in widths.items():
+        if conv not in stats or width >= stats[conv].n_filters:
+            continue
+        accs = []
+        for criterion in ("coverage", "l1"):
+            model, _ = load_model(base)
+            if criterion == "coverage":
+                keep = rank_filters(stats[conv].cluster_ids, filter_scores(stats[conv]),
+                                    min_coverage=min_coverage)[:width]
+            else:
+                layer = model.get_submodule(conv)
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *bundle.input_size))
+                group = graph.get_pruning_group(layer, tp.prune_conv_out_channels, idxs=list(range(layer.out_channels)))
+                keep = tp.importance.GroupMagnitudeImportance(p=1)(group).argsort(descending=True)[:width].tolist()
+            accs.append(evaluate(dilute(model.eval(), conv, keep), small))
+        rows.append([conv, f"{width}/{stats[conv].n_filters}", f"{stats[conv].stats.noise:.2f}",
+                     f"{100 * accs[0]:.1f}", f"{100 * accs[1]:.1f}", f"{100 * (accs[0] - accs[1]):+.1f}"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default=str(HERE / "cifar10_base" / "model.pt"))
+    p.add_argument("--data-dir", default=str(HERE.parents[1] / "shared" / "data" / "cifar10"))
+    p.add_argument("--out", type=Path, default=HERE.parent / "runs" / "cifar10_headtohead")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--tag", default="cifar10_headtohead", help="file stem of the results")
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--limit-train", type=int, default=None, help="fine-tuning images (same subset for every model)")
+    p.add_argument("--limit-test", type=int, default=None, help="test images (debugging only; default all)")
+    p.add_argument("--analysis-train", type=int, default=None, help="training images for the probes (default all)")
+    p.add_argument("--conv-stats-train", type=int, default=10000, help="training images for the per-conv ReLU probes")
+    p.add_argument("--probe-epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--flops-target", type=float, default=0.5, help="mechanism-multi's FLOPs, fraction of the base")
+    p.add_argument("--dilute-target", type=float, default=0.5)
+    p.add_argument("--min-coverage", type=int, default=1)
+    p.add_argument("--tol", type=float, default=0.02, help="relative distance to a FLOPs / params target")
+    p.add_argument("--round-to", type=int, default=0, help="pruned widths are multiples of this (0: any width, "
+                   "so that FLOPs can be matched; mechanism-multi-r8 always uses 8)")
+    p.add_argument("--taylor-batches", type=int, default=10)
+    p.add_argument("--bench-repeats", type=int, default=50)
+    p.add_argument("--no-bench", action="store_true", help="build variants only; no timing and no report")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    args.round_to = args.round_to or None
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.txt")
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    log(f"\n$ {command}\n# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  {json.dumps(environment())}")
+    with open(args.out / "commands.txt", "a") as f:
+        f.write(command + "\n")
+    base = Path(args.base)
+    t0 = time.perf_counter()
+    bundle = load_data(f"imagefolder:{args.data_dir}", limit_train=args.analysis_train, limit_test=args.limit_test)
+    tune_bundle = subset(bundle, args.limit_train)
+    args.n_tune, args.n_analysis = len(tune_bundle.train), len(bundle.train)
+    log(f"data: {len(bundle.train)} training images for the analysis, {len(tune_bundle.train)} for fine-tuning, "
+        f"{len(bundle.test)} test images ({time.perf_counter() - t0:.0f} s to load)")
+    model, meta = load_model(base)
+    analysis, extra, stats = run_analysis(args, base, model, meta, bundle, log)
+    targets = None
+    if set(args.variants) - set(MECHANISM[:4]):  # mechanism-multi and the baselines need its budgets
+        targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
+        log(f"targets: FLOPs {targets['flops']:,} ({targets['flops'] / targets['base_flops']:.3f} of the base), "
+            f"params {targets['params']:,} ({targets['params'] / targets['base_params']:.3f})")
+    for name in args.variants:
+        t1 = time.perf_counter()
+        build_variant(name, args, base, tune_bundle, analysis, stats, targets, log)
+        log(f"  ({time.perf_counter() - t1:.0f} s)")
+    done = [v for v in VARIANTS if (args.out / "models" / v.replace("@", "-at-").replace("+", "-") / "model.pt").is_file()]
+    if args.no_bench or len(done) < len(args.variants):
+        log(f"built {len(done)} of {len(VARIANTS)} variants; no bench this time")
+        return
+    folders = [args.out / "models" / v.replace("@", "-at-").replace("+", "-") for v in done]
+    result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
+                       names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
+                       repeats=args.bench_repeats)
+    history = args.out / "bench-history"  # every bench run is kept: the speed-ups are medians over the runs
+    history.mkdir(exist_ok=True)
+    shutil.copy(args.out / "bench" / "bench.json", history / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
+    runs = [BenchResult(**json.loads(f.read_text())) for f in sorted(history.glob("*.json"))]
+    infos = {v: json.loads((f / "info.json").read_text()) for v, f in zip(done, folders)}
+    targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
+    base_labels = per_label_accuracy(model, bundle)
+    prune_step = next(r for r in infos["mechanism-multi"]["steps"] if r["step"] == "prune")
+    sensitivity = layer_sensitivity(base, bundle, stats, prune_step["info"].get("widths", {}),
+                                    min_coverage=args.min_coverage)
+    report_dir = args.results / f"{args.tag}_analysis"
+    shutil.rmtree(report_dir, ignore_errors=True)
+    shutil.copytree(args.out / "analysis" / "figures", report_dir / "figures")
+    for name in ("report.md", "analysis.json"):
+        shutil.copy(args.out / "analysis" / name, report_dir / name)
+    text = write_results(args, result, runs, analysis, extra, infos, targets, base_labels, sensitivity,
+                         (args.out / "commands.txt").read_text().splitlines(), MECHANISM, CRITERIA)
+    log(text)
+    log(f"total {time.perf_counter() - t0:.0f} s this invocation")
+    logs = sorted((args.out / "logs").glob("*.txt"))  # every invocation, each in one piece
+    (args.results / f"{args.tag}.txt").write_text("".join(f.read_text() for f in logs))
+
+
+if __name__ == "__main__":
+    main()

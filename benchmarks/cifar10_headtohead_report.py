@@ -1,0 +1,217 @@
+"""The results page of ``cifar10_headtohead.py``: the table, the accuracy-against-latency plot, the
+targets, the papers' trends with their numbers, and where the accuracy went."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def speedups(runs, name: str, batch: int) -> list[float]:
+    """``name``'s speed-up over the base at ``batch`` in every bench run that timed it."""
+    out = []
+    for r in runs:
+        names = [m["name"] for m in r.models]
+        if name in names and r.models[0]["name"] == "base":
+            out.append(1 / r.ratio(names.index(name), "latency", "ort-cpu", batch))
+    return out
+
+
+def table(result, runs) -> tuple[list[str], list[list[str]], list[dict[str, float]]]:
+    """The results table: one row per model; latencies from the last run, speed-ups as the median (and
+    range) over every interleaved bench run."""
+    header = ["model", "params", "FLOPs", "ONNX size", "ORT b1 ms", "ORT b64 ms", f"speed-up b1 ({len(runs)} runs)",
+              f"speed-up b64 ({len(runs)} runs)", "accuracy", "change (points)"]
+    rows, nums = [], []
+    base = result.models[0]
+    for m in result.models:
+        lat = {b: m["latency"]["ort-cpu"][str(b)]["median_ms"] for b in (1, 64)}
+        ups = {b: sorted(speedups(runs, m["name"], b)) for b in (1, 64)}
+        up = {b: float(np.median(v)) for b, v in ups.items()}
+        shown = {b: f"{up[b]:.2f}x" + (f" ({v[0]:.2f}-{v[-1]:.2f})" if len(v) > 1 else "") for b, v in ups.items()}
+        delta = 100 * (m["accuracy"] - base["accuracy"])
+        nums.append({"name": m["name"], "acc": m["accuracy"], "delta": delta, "up1": up[1], "up64": up[64],
+                     "range1": (ups[1][0], ups[1][-1]), "b1": lat[1], "b64": lat[64], "flops": m["flops"],
+                     "params": m["params"]})
+        rows.append([m["name"], f"{m['params']:,}", f"{m['flops'] / 1e6:.2f} M", f"{m['file_size'] / 1024:.0f} KiB",
+                     f"{lat[1]:.3f}", f"{lat[64]:.2f}", shown[1], shown[64], f"{m['accuracy']:.4f}",
+                     "-" if m is base else f"{delta:+.2f}"])
+    return header, rows, nums
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def trends(analysis, extra) -> list[str]:
+    """The papers' four trends, each with its numbers and whether it holds here."""
+    taps, tol = analysis.taps, analysis.plateau_tolerance
+    acc = [100 * t.accuracy for t in taps]
+    p = [t.name for t in taps].index(analysis.plateau)
+    rising = all(b >= a - tol for a, b in zip(acc, acc[1:]))
+    after = acc[-1] - acc[p]
+    plateau = p < len(taps) - 1
+    out = [f"**Accuracy rises with the taps and plateaus: {'holds' if rising and plateau else 'does not hold'}.** "
+           f"Probe accuracy (%) per tap: " + ", ".join(f"{t.name} {a:.2f}" for t, a in zip(taps, acc))
+           + f". Plateau (first tap within {tol:g} points of the best): {analysis.plateau}; "
+           + (f"the {len(taps) - 1 - p} later tap(s) change it by {after:+.2f} points." if plateau else
+              "it is the last tap: the accuracy is still rising there, no plateau inside the network.")
+           + ("" if rising else " The rise is not monotonic.")]
+    noise = [t.stats.noise for t in taps]
+    falling = all(b <= a for a, b in zip(noise, noise[1:]))
+    depth = sorted([*taps, *extra.taps], key=lambda t: int("".join(filter(str.isdigit, t.name))))
+    out.append(f"**Noise per filter falls with depth: {'holds' if falling else 'does not hold (not monotonic)'}"
+               f"{'' if falling or noise[-1] >= noise[0] else '; it does fall from the first tap to the last'}.** "
+               "n per tap: " + ", ".join(f"{t.name} {t.stats.noise:.2f}" for t in taps)
+               + ". Every conv (ReLU taps on a training subset, pooling taps): "
+               + ", ".join(f"{t.name.split('.')[-1]} {t.stats.noise:.2f}" for t in depth) + ".")
+    last = taps[-1].stats
+    ok = 1.5 <= last.cluster_size <= 3.5 and 0.7 <= last.clusters_per_filter <= 1.5
+    out.append(f"**Last-layer clusters of about 2-3 labels, one per filter: {'holds' if ok else 'does not hold'}.** "
+               f"{taps[-1].name}: C_s = {last.cluster_size:.2f} labels per cluster, N_c = "
+               f"{last.clusters_per_filter:.2f} clusters per filter, {last.filters_without_cluster} of "
+               f"{taps[-1].n_filters} filters without a cluster; cluster sizes 1/2/3/4+: "
+               + "/".join(f"{f:.2f}" for f in [*last.size_fractions[:3], sum(last.size_fractions[3:])]) + ".")
+    for t in (taps[-1], taps[p]) if p != len(taps) - 1 else (taps[-1],):
+        counts = torch.tensor(t.stats.label_counts, dtype=torch.float64)
+        cv = float(counts.std(unbiased=False) / counts.mean())
+        lo, hi = int(counts.argmin()), int(counts.argmax())
+        out.append(f"**Label appearances balanced across labels ({t.name}): "
+                   f"{'holds' if cv <= 0.25 else 'does not hold'}** (coefficient of variation {cv:.2f}; "
+                   f"threshold 0.25). Clusters per label: " + ", ".join(
+                       f"{n} {int(c)}" for n, c in zip(analysis.label_names, counts))
+                   + f"; fewest {analysis.label_names[lo]} ({int(counts[lo])}), most {analysis.label_names[hi]} "
+                     f"({int(counts[hi])}).")
+    return out
+
+
+def plot(nums: list[dict], mechanism: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, key, title in zip(axes, ("b1", "b64"), ("batch 1", "batch 64")):
+        for n in nums:
+            fam = ("base", "k") if n["name"] == "base" else ("mechanism", "tab:blue") if n["name"] in mechanism else \
+                ("Torch-Pruning @ FLOPs", "tab:orange") if n["name"].endswith("@flops") else \
+                ("Torch-Pruning @ params", "tab:green")
+            ax.scatter(n[key], 100 * n["acc"], color=fam[1], label=fam[0], s=40)
+            ax.annotate(n["name"], (n[key], 100 * n["acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=f"onnxruntime CPU latency, {title} (ms, median)", ylabel="test accuracy (%)", title=title)
+        ax.grid(alpha=0.3)
+        handles = dict(zip(*ax.get_legend_handles_labels()[::-1]))
+        ax.legend(handles.values(), handles.keys(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def prune_note(info: dict) -> str:
+    if "ratio" not in info:
+        return f" ({info['skipped']})" if "skipped" in info else ""
+    miss = "" if abs(info["relative_error"]) <= 0.021 else ", outside the tolerance"
+    return f" (ratio {info['ratio']:.3f}, {info['metric']} {100 * info['relative_error']:+.1f} %{miss})"
+
+
+def write_results(args, result, runs, analysis, extra, infos, targets, base_labels, sensitivity, commands, mechanism,
+                  criteria) -> str:
+    """Write ``<results>/<tag>.md`` and ``.png``; returns the Markdown."""
+    header, rows, nums = table(result, runs)
+    by = {n["name"]: n for n in nums}
+    png = args.results / f"{args.tag}.png"
+    plot(nums, mechanism, png)
+    mech = [by[v] for v in mechanism if v in by]
+    ok = [n for n in mech if n["delta"] >= -1.0]
+    best = max(ok, key=lambda n: n["up1"]) if ok else max(mech, key=lambda n: n["acc"])
+    t1 = bool(ok) and best["up1"] >= 2.0
+    fast = max(mech, key=lambda n: n["up1"])
+    tp_flops = [by[f"{c}@flops"] for c in criteria if f"{c}@flops" in by]
+    best_tp = max(tp_flops, key=lambda n: n["acc"])
+    mm, cov = by["mechanism-multi"], by.get("coverage@flops")
+    t2 = mm["acc"] >= best_tp["acc"]
+    env = result.environment
+
+    def ratio(name: str) -> str:
+        return next((f"{r['info']['ratio']:.3f}" for r in infos[name]["steps"] if "ratio" in r["info"]), "-")
+
+    lines = [f"# {args.tag}: the mechanism's recipes against Torch-Pruning's criteria on CIFAR-10", "",
+             f"Base: VGG-16-BN width 0.25 ({args.base}), test accuracy {by['base']['acc']:.4f} on "
+             f"{result.settings['test_samples']:,} test images. Fine-tuning budget, the same for every model: "
+             f"{args.finetune_epochs} epochs, SGD Nesterov lr {args.finetune_lr} cosine, momentum 0.9, wd 5e-4, "
+             f"batch 100, seed 0, on {args.n_tune:,} training images "
+             f"({'a fixed random subset, the same for every model' if args.n_tune < 50000 else 'the full set'}). "
+             f"Probes: {args.probe_epochs} epochs on {args.n_analysis:,} training images "
+             f"(per-conv ReLU taps: {args.conv_stats_train:,}). mechanism-multi: trim at {analysis.plateau}, "
+             f"then every conv pruned by cluster coverage to {args.flops_target:g} of the base FLOPs; baselines "
+             f"pruned per layer (Torch-Pruning BasePruner, same ratio in every layer, widths "
+             f"{f'multiples of {args.round_to}' if args.round_to else 'unrounded'}, classifier kept) to its FLOPs "
+             f"({targets['flops']:,}) or parameters ({targets['params']:,}) within {100 * args.tol:g} % "
+             "(bn-scale: BNScaleImportance where a batch-norm follows, L1 for the hidden FC layers). "
+             "mechanism-multi-r8: the same with every pruned width a multiple of 8 (onnxruntime's CPU kernels are "
+             "faster on such widths; the coarser widths cannot match a FLOPs target within the tolerance).", "",
+             md_table(header, rows), "", f"![accuracy against latency]({png.name})", "",
+             "Latency: onnxruntime CPU, median of "
+             f"{result.settings['repeats']} interleaved rounds in one process, {result.settings['threads']} thread(s), "
+             "last bench run; speed-ups: ratio to the base within each run (all models interleaved in one process), "
+             f"median and range over the {len(runs)} bench runs kept in bench-history/.", "", "## Targets", "",
+             f"- **{'PASS' if t1 else 'FAIL'}: best mechanism-guided model >= 2x faster at batch 1, within 1 point.** "
+             f"{best['name']}: {best['up1']:.2f}x at batch 1 (median of {len(runs)} bench runs, range "
+             f"{best['range1'][0]:.2f}-{best['range1'][1]:.2f}; {best['up64']:.2f}x at batch 64), accuracy "
+             f"{best['acc']:.4f} ({best['delta']:+.2f} points)." + ("" if ok else " No mechanism model is within 1 point.")
+             + (f" The fastest mechanism model, {fast['name']}, is {fast['up1']:.2f}x at {fast['delta']:+.2f} points."
+                if fast is not best else ""),
+             f"- **{'PASS' if t2 else 'FAIL'}: at equal FLOPs the mechanism-guided model is at least as accurate as "
+             f"the best Torch-Pruning criterion.** mechanism-multi {mm['acc']:.4f} ({mm['flops'] / 1e6:.2f} M FLOPs) "
+             f"against {best_tp['name']} {best_tp['acc']:.4f} ({best_tp['flops'] / 1e6:.2f} M FLOPs); others: "
+             + ", ".join(f"{n['name']} {n['acc']:.4f}" for n in tp_flops)
+             + (f". The coverage criterion alone on the baselines' architecture (coverage@flops): {cov['acc']:.4f}, "
+                f"rank {1 + sum(n['acc'] > cov['acc'] for n in tp_flops)} of {1 + len(tp_flops)} criteria"
+                if cov else "") + ". mechanism-multi differs from them by its trimming as well (everything after "
+             f"{analysis.plateau} is gone, hidden FC layers included, so its convs keep more filters: per-layer ratio {ratio('mechanism-multi')} "
+             f"against {ratio(best_tp['name'])}). One seed per model: differences of a few tenths of a point are "
+             "within the usual seed-to-seed spread of such fine-tunings.", "", "## The papers' trends in this model", ""]
+    lines += [f"- {s}" for s in trends(analysis, extra)]
+    lines += ["", "Full analysis report (table and figures): "
+              f"[{args.tag}_analysis/report.md]({args.tag}_analysis/report.md).", "",
+              "## Where the accuracy went", "", "Test accuracy per label (base, then change in points):", ""]
+    shown = ["mechanism-multi", "coverage@flops", best_tp["name"], "trim", "trim+dilute+afcc"]
+    shown = [s for s in dict.fromkeys(shown) if s in infos]
+    lines.append(md_table(["label", "base"] + shown, [[name, f"{100 * base_labels[k]:.1f}"] + [
+        f"{100 * (infos[s]['per_label_accuracy'][k] - base_labels[k]):+.1f}" for s in shown]
+        for k, name in enumerate(analysis.label_names)]))
+    covs = infos["mechanism-multi"].get("coverage", {})
+    lines += ["", "mechanism-multi: filters kept per conv and clusters per label among them "
+              "(labels at 0 lost every cluster of that layer):", "",
+              md_table(["conv", "kept", "noise n", "no-cluster filters", "min", "labels at 0"],
+                       [[c, f"{v['kept']}/{v['of']}", f"{v['noise']:.2f}", str(v["no_cluster"]), str(min(v["per_label"])),
+                         ", ".join(analysis.label_names[k] for k, x in enumerate(v["per_label"]) if x == 0) or "-"]
+                        for c, v in covs.items()])]
+    lines += ["", "Each conv alone pruned in the base to mechanism-multi's width, the kept filters chosen by cluster "
+              "coverage or by group L1, no fine-tuning (accuracy % on the first 2,000 test images):", "",
+              md_table(["conv", "kept", "noise n", "coverage", "L1", "coverage - L1"], sensitivity)]
+    worse = [r for r in sensitivity[1:] if float(r[5]) < 0]
+    lost = {c for c, v in covs.items() if min(v["per_label"]) == 0}
+    drops = sorted(zip(infos["mechanism-multi"]["per_label_accuracy"], base_labels, analysis.label_names),
+                   key=lambda t: t[0] - t[1])[:3]
+    lines += ["", f"Coverage keeps worse filters than L1 in {len(worse)} of {len(sensitivity) - 1} convs (largest gaps: "
+              + ", ".join(f"{r[0]} {r[5]}" for r in sorted(worse, key=lambda r: float(r[5]))[:3]) + " points). "
+              + ("No label lost every cluster in any pruned conv of mechanism-multi" if not lost else
+                 f"Labels lost every cluster in {', '.join(sorted(lost))}")
+              + "; its largest per-label losses: " + ", ".join(f"{n} {100 * (a - b):+.1f}" for a, b, n in drops)
+              + " points."]
+    lines += ["", "## Variants (accuracy after each step; pruning ratio per layer and distance to the target)", ""] + [
+        f"- {v}: " + "; ".join(f"{r['step']}{prune_note(r['info'])} -> {r['after']['accuracy']:.4f} "
+                               f"({r['seconds']:.0f} s)" for r in infos[v]["steps"]) for v in infos]
+    lines += ["", "## Commands", "", "```"] + commands + ["```", "", "## Machine", "",
+              f"{env['cpu']}, {env['cpu_count']} cores ({env['cpu_affinity']} usable), load average after timing "
+              f"{env['load_average']}; torch {env['torch']} ({env['torch_threads']} threads), onnxruntime "
+              f"{env['onnxruntime']}, onnx {env['onnx']}, Python {env['python']}, {env['platform']}; shared with "
+              f"other work (2 cores)."]
+    text = "\n".join(lines) + "\n"
+    (args.results / f"{args.tag}.md").write_text(text)
+    return text
