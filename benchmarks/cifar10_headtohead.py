@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from compress.analysis import AnalysisConfig, analyze_model, load_analysis
+from compress.analysis.stats import find_plateau
 from compress.bench import BenchResult, run_bench
 from compress.compression.baselines import accumulate_gradients, make_importance, needs_gradients, prune_to_target
 from compress.compression.dilute import (ClusterCoverageImportance, coverage, filter_scores, find_tap_conv,
@@ -55,7 +56,9 @@ from cifar10_headtohead_report import write_results  # noqa: E402  (next to this
 HERE = Path(__file__).resolve().parent
 
 CRITERIA = ["l1", "taylor", "bn-scale", "random"]
-MECHANISM = ["trim", "dilute", "afcc", "trim+dilute+afcc", "mechanism-multi", "mechanism-multi-r8", "coverage@flops"]
+MECHANISM = ["trim", "dilute", "afcc", "trim+dilute+afcc", "trim-conv", "trim-conv+dilute+afcc", "mechanism-multi",
+             "mechanism-multi-r8", "coverage@flops"]
+FINE = ("trim-conv",)  # variants planned on the per-conv analysis (plateau among every conv from the stage before)
 VARIANTS = MECHANISM + [f"{c}@{m}" for m in ("flops", "params") for c in CRITERIA]
 
 
@@ -126,6 +129,33 @@ def run_analysis(args, base: Path, model: nn.Module, meta: dict, bundle, log: Lo
     return main, extra, stats
 
 
+def fine_analysis(args, model: nn.Module, meta: dict, main, bundle, log: Log):
+    """The plateau at conv granularity: one ReLU tap for every conv from the stage before ``main``'s plateau on
+    (probes on the full training set, like the pooling taps), merged with ``main``'s taps in network order and
+    the plateau found again among them with the same tolerance. What a user gets by listing those taps in a
+    recipe's ``analysis.taps``."""
+    order = [n for n, _ in model.named_modules()]
+    names = [t.name for t in main.taps]
+    p = names.index(main.plateau)
+    start = order.index(names[p - 1]) if p else 0
+    have = {find_tap_conv(model, t.name) for t in main.taps}
+    taps = [n.replace("conv", "relu") for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and n not in have and order.index(n) > start]
+    folder = args.out / "analysis-deep"
+    t0 = time.perf_counter()
+    if (folder / "analysis.json").is_file():
+        deep = load_analysis(folder)
+    else:
+        cfg = AnalysisConfig(probe_epochs=args.probe_epochs, feature_dtype="float16")
+        deep = analyze_model(model, bundle, taps, cfg, model_name=meta["model"], progress=False)
+        deep.save(folder)
+    merged = sorted([*main.taps, *deep.taps], key=lambda t: order.index(t.name))
+    plateau = merged[find_plateau([t.accuracy for t in merged], main.plateau_tolerance)].name
+    log(f"per-conv analysis: plateau {plateau}; probe accuracy per tap "
+        + ", ".join(f"{t.name} {t.accuracy:.4f}" for t in merged) + f"  ({time.perf_counter() - t0:.0f} s)")
+    return dataclasses.replace(main, taps=merged, plateau=plateau)
+
+
 # ------------------------------------------------------------------------------------ variants
 
 
@@ -153,12 +183,14 @@ def plan(name: str, args, stats: dict, targets: dict | None) -> list[tuple[str, 
     """The steps of a variant: registered runner steps by name, or ``("prune", (importance, target, metric,
     round_to))``."""
     budget = FinetuneOptions(epochs=args.finetune_epochs, lr=args.finetune_lr, momentum=0.9, weight_decay=5e-4,
-                             schedule="cosine", seed=0)
+                             schedule="cosine", seed=getattr(args, "seed", 0))
     trim, tune = ("trim", TrimOptions("plateau")), ("finetune", budget)
     dilute = ("dilute", DiluteOptions(tap="plateau", target=args.dilute_target, min_coverage=args.min_coverage))
     coverage_imp = ClusterCoverageImportance(stats, min_coverage=args.min_coverage)
     plans = {
         "trim": [trim, tune],
+        "trim-conv": [trim, tune],
+        "trim-conv+dilute+afcc": [trim, dilute, ("afcc", AfccOptions(tap="plateau", train="all", finetune=budget))],
         "dilute": [dilute, tune],
         "afcc": [("afcc", AfccOptions(tap="plateau", train="head+stage", finetune=budget))],
         "trim+dilute+afcc": [trim, dilute, ("afcc", AfccOptions(tap="plateau", train="all", finetune=budget))],
@@ -211,8 +243,16 @@ def mechanism_targets(args, base: Path, bundle, analysis, stats, log: Log) -> di
     return targets
 
 
-def build_variant(name: str, args, base: Path, bundle, analysis, stats, targets, log: Log) -> None:
+def variant_folder(args, name: str, seed: int = 0) -> Path:
     folder = args.out / "models" / name.replace("@", "-at-").replace("+", "-")
+    return folder / f"seed{seed}" if seed else folder
+
+
+def build_variant(name: str, args, base: Path, bundle, analysis, stats, targets, log: Log, seed: int = 0) -> None:
+    """Build ``name`` (its steps, then ``info.json`` + ``model.pt``); ``seed`` != 0: the same steps with
+    another fine-tuning seed, in a ``seed<N>`` sub-folder (the seed spread of the candidates)."""
+    folder = variant_folder(args, name, seed)
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     if (folder / "model.pt").is_file():
         log(f"{name}: done before ({folder / 'model.pt'})")
         return
@@ -220,9 +260,9 @@ def build_variant(name: str, args, base: Path, bundle, analysis, stats, targets,
         log(f"{name}: being built by another process; skipped")
         return
     try:
-        log(f"{name}:")
-        torch.manual_seed(0)
-        state = fresh_state(args, base, bundle, analysis, folder)
+        log(f"{name}:" + (f" (fine-tuning seed {seed})" if seed else ""))
+        torch.manual_seed(seed)
+        state = fresh_state(args, base, bundle, analysis[name.startswith(FINE)], folder)
         records = apply_steps(state, plan(name, args, stats, targets), args, log)
         save_info(name, args, state, records, stats, bundle, folder)
     finally:
@@ -324,6 +364,9 @@ def main() -> None:
     p.add_argument("--taylor-batches", type=int, default=10)
     p.add_argument("--bench-repeats", type=int, default=50)
     p.add_argument("--no-bench", action="store_true", help="build variants only; no timing and no report")
+    p.add_argument("--seed-variants", nargs="*", default=["trim-conv", "trim-conv+dilute+afcc"], choices=VARIANTS,
+                   help="variants also built with the extra --seeds (the seed-to-seed spread of the candidates)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[1, 2], help="extra fine-tuning seeds (0 is the main one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.round_to = args.round_to or None
@@ -342,20 +385,26 @@ def main() -> None:
         f"{len(bundle.test)} test images ({time.perf_counter() - t0:.0f} s to load)")
     model, meta = load_model(base)
     analysis, extra, stats = run_analysis(args, base, model, meta, bundle, log)
+    fine = fine_analysis(args, model, meta, analysis, bundle, log)
     targets = None
-    if set(args.variants) - set(MECHANISM[:4]):  # mechanism-multi and the baselines need its budgets
+    if set(args.variants) - set(MECHANISM[:6]):  # mechanism-multi and the baselines need its budgets
         targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
         log(f"targets: FLOPs {targets['flops']:,} ({targets['flops'] / targets['base_flops']:.3f} of the base), "
             f"params {targets['params']:,} ({targets['params'] / targets['base_params']:.3f})")
     for name in args.variants:
         t1 = time.perf_counter()
-        build_variant(name, args, base, tune_bundle, analysis, stats, targets, log)
+        build_variant(name, args, base, tune_bundle, (analysis, fine), stats, targets, log)
         log(f"  ({time.perf_counter() - t1:.0f} s)")
-    done = [v for v in VARIANTS if (args.out / "models" / v.replace("@", "-at-").replace("+", "-") / "model.pt").is_file()]
+    for name in [v for v in args.seed_variants if v in args.variants]:
+        for seed in args.seeds:
+            t1 = time.perf_counter()
+            build_variant(name, args, base, tune_bundle, (analysis, fine), stats, targets, log, seed=seed)
+            log(f"  ({time.perf_counter() - t1:.0f} s)")
+    done = [v for v in VARIANTS if (variant_folder(args, v) / "model.pt").is_file()]
     if args.no_bench or len(done) < len(args.variants):
         log(f"built {len(done)} of {len(VARIANTS)} variants; no bench this time")
         return
-    folders = [args.out / "models" / v.replace("@", "-at-").replace("+", "-") for v in done]
+    folders = [variant_folder(args, v) for v in done]
     result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
                        names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
                        repeats=args.bench_repeats)
@@ -364,6 +413,10 @@ def main() -> None:
     shutil.copy(args.out / "bench" / "bench.json", history / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     runs = [BenchResult(**json.loads(f.read_text())) for f in sorted(history.glob("*.json"))]
     infos = {v: json.loads((f / "info.json").read_text()) for v, f in zip(done, folders)}
+    for v, info in infos.items():  # final accuracy (PyTorch, full test set) per fine-tuning seed
+        info["seed_accuracy"] = {s: json.loads((variant_folder(args, v, s) / "info.json").read_text())["steps"][-1]
+                                 ["after"]["accuracy"] for s in [0, *args.seeds]
+                                 if (variant_folder(args, v, s) / "info.json").is_file()}
     targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
     base_labels = per_label_accuracy(model, bundle)
     prune_step = next(r for r in infos["mechanism-multi"]["steps"] if r["step"] == "prune")
@@ -374,7 +427,7 @@ def main() -> None:
     shutil.copytree(args.out / "analysis" / "figures", report_dir / "figures")
     for name in ("report.md", "analysis.json"):
         shutil.copy(args.out / "analysis" / name, report_dir / name)
-    text = write_results(args, result, runs, analysis, extra, infos, targets, base_labels, sensitivity,
+    text = write_results(args, result, runs, analysis, extra, fine, infos, targets, base_labels, sensitivity,
                          (args.out / "commands.txt").read_text().splitlines(), MECHANISM, CRITERIA)
     log(text)
     log(f"total {time.perf_counter() - t0:.0f} s this invocation")

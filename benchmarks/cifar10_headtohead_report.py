@@ -118,8 +118,19 @@ def prune_note(info: dict) -> str:
     return f" (ratio {info['ratio']:.3f}, {info['metric']} {100 * info['relative_error']:+.1f} %{miss})"
 
 
-def write_results(args, result, runs, analysis, extra, infos, targets, base_labels, sensitivity, commands, mechanism,
-                  criteria) -> str:
+def seed_note(infos: dict, name: str, base_acc: float) -> str:
+    """The candidate's accuracy with every fine-tuning seed it was built with (PyTorch, full test set)."""
+    accs = infos.get(name, {}).get("seed_accuracy", {})
+    if len(accs) < 2:
+        return ""
+    deltas = [100 * (a - base_acc) for a in accs.values()]
+    return (f" Over fine-tuning seeds {', '.join(map(str, accs))}: accuracy "
+            + " / ".join(f"{a:.4f}" for a in accs.values()) + f" ({min(deltas):+.2f} to {max(deltas):+.2f} points; "
+            + ("every seed within 1 point" if min(deltas) >= -1.0 else "NOT every seed within 1 point") + ").")
+
+
+def write_results(args, result, runs, analysis, extra, fine, infos, targets, base_labels, sensitivity, commands,
+                  mechanism, criteria) -> str:
     """Write ``<results>/<tag>.md`` and ``.png``; returns the Markdown."""
     header, rows, nums = table(result, runs)
     by = {n["name"]: n for n in nums}
@@ -153,7 +164,12 @@ def write_results(args, result, runs, analysis, extra, infos, targets, base_labe
              f"({targets['flops']:,}) or parameters ({targets['params']:,}) within {100 * args.tol:g} % "
              "(bn-scale: BNScaleImportance where a batch-norm follows, L1 for the hidden FC layers). "
              "mechanism-multi-r8: the same with every pruned width a multiple of 8 (onnxruntime's CPU kernels are "
-             "faster on such widths; the coarser widths cannot match a FLOPs target within the tolerance).", "",
+             "faster on such widths; the coarser widths cannot match a FLOPs target within the tolerance). "
+             f"trim-conv: depth trimming at conv granularity, at the plateau ({fine.plateau}) of the pooling taps "
+             f"plus a ReLU tap for every conv from the stage before {analysis.plateau} on (probes on the same "
+             f"{args.n_analysis:,} images; the tolerance is the same {analysis.plateau_tolerance:g} points); "
+             "trim-conv+dilute+afcc: then half of that conv's filters removed by cluster coverage and AFCC on the "
+             "new head, every layer fine-tuned.", "",
              md_table(header, rows), "", f"![accuracy against latency]({png.name})", "",
              "Latency: onnxruntime CPU, median of "
              f"{result.settings['repeats']} interleaved rounds in one process, {result.settings['threads']} thread(s), "
@@ -162,7 +178,8 @@ def write_results(args, result, runs, analysis, extra, infos, targets, base_labe
              f"- **{'PASS' if t1 else 'FAIL'}: best mechanism-guided model >= 2x faster at batch 1, within 1 point.** "
              f"{best['name']}: {best['up1']:.2f}x at batch 1 (median of {len(runs)} bench runs, range "
              f"{best['range1'][0]:.2f}-{best['range1'][1]:.2f}; {best['up64']:.2f}x at batch 64), accuracy "
-             f"{best['acc']:.4f} ({best['delta']:+.2f} points)." + ("" if ok else " No mechanism model is within 1 point.")
+             f"{best['acc']:.4f} ({best['delta']:+.2f} points)." + seed_note(infos, best['name'], by['base']['acc'])
+             + ("" if ok else " No mechanism model is within 1 point.")
              + (f" The fastest mechanism model, {fast['name']}, is {fast['up1']:.2f}x at {fast['delta']:+.2f} points."
                 if fast is not best else ""),
              f"- **{'PASS' if t2 else 'FAIL'}: at equal FLOPs the mechanism-guided model is at least as accurate as "
@@ -176,10 +193,12 @@ def write_results(args, result, runs, analysis, extra, infos, targets, base_labe
              f"against {ratio(best_tp['name'])}). One seed per model: differences of a few tenths of a point are "
              "within the usual seed-to-seed spread of such fine-tunings.", "", "## The papers' trends in this model", ""]
     lines += [f"- {s}" for s in trends(analysis, extra)]
+    lines += ["- **The plateau at conv granularity** (what trim-conv cuts at): probe accuracy (%) "
+              + ", ".join(f"{t.name} {100 * t.accuracy:.2f}" for t in fine.taps) + f"; plateau {fine.plateau}."]
     lines += ["", "Full analysis report (table and figures): "
               f"[{args.tag}_analysis/report.md]({args.tag}_analysis/report.md).", "",
               "## Where the accuracy went", "", "Test accuracy per label (base, then change in points):", ""]
-    shown = ["mechanism-multi", "coverage@flops", best_tp["name"], "trim", "trim+dilute+afcc"]
+    shown = ["mechanism-multi", "coverage@flops", best_tp["name"], "trim", "trim+dilute+afcc", best["name"]]
     shown = [s for s in dict.fromkeys(shown) if s in infos]
     lines.append(md_table(["label", "base"] + shown, [[name, f"{100 * base_labels[k]:.1f}"] + [
         f"{100 * (infos[s]['per_label_accuracy'][k] - base_labels[k]):+.1f}" for s in shown]
@@ -206,7 +225,10 @@ def write_results(args, result, runs, analysis, extra, infos, targets, base_labe
               + " points."]
     lines += ["", "## Variants (accuracy after each step; pruning ratio per layer and distance to the target)", ""] + [
         f"- {v}: " + "; ".join(f"{r['step']}{prune_note(r['info'])} -> {r['after']['accuracy']:.4f} "
-                               f"({r['seconds']:.0f} s)" for r in infos[v]["steps"]) for v in infos]
+                               f"({r['seconds']:.0f} s)" for r in infos[v]["steps"])
+        + ("; other fine-tuning seeds: " + ", ".join(f"seed {s} {a:.4f}" for s, a in infos[v]["seed_accuracy"].items()
+                                                      if s) if len(infos[v].get("seed_accuracy", {})) > 1 else "")
+        for v in infos]
     lines += ["", "## Commands", "", "```"] + commands + ["```", "", "## Machine", "",
               f"{env['cpu']}, {env['cpu_count']} cores ({env['cpu_affinity']} usable), load average after timing "
               f"{env['load_average']}; torch {env['torch']} ({env['torch_threads']} threads), onnxruntime "

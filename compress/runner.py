@@ -192,7 +192,7 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     loss.backward()
     opt.step()
     return {"model": m.name, "params": sum(p.numel() for p in model.parameters()), "input_size": [3, size, size],
-            "loss": float(loss), "steps": [s.name for s in recipe.steps]}
+            "loss": float(loss.detach()), "steps": [s.name for s in recipe.steps]}
 
 
 def _resolved(recipe: Recipe) -> dict[str, Any]:

@@ -14,14 +14,15 @@ from compress.training import TrainConfig, evaluate, fit
 from conftest import tiny_vgg
 
 
-def test_trim_reproduces_probe_accuracy(small_digits, tmp_path):
+@pytest.mark.parametrize("cut", ["features.pool3", "features.relu4"])  # a pooling tap, and a ReLU between two
+def test_trim_reproduces_probe_accuracy(small_digits, tmp_path, cut):
     model = tiny_vgg()
     fit(model, small_digits, TrainConfig(epochs=2, lr=0.05, momentum=0.9), tmp_path, progress=False)
-    result = analyze_model(model, small_digits, ["features.pool3", "features.pool5"], AnalysisConfig(probe_epochs=5),
+    result = analyze_model(model, small_digits, [cut, "features.pool5"], AnalysisConfig(probe_epochs=5),
                            progress=False)
-    tap = result.tap("features.pool3")
-    trim_at(model, "features.pool3", torch.as_tensor(tap.probe_weight))
-    assert list(model.features._modules)[-1] == "pool3"  # the model ends at the tap
+    tap = result.tap(cut)
+    trim_at(model, cut, torch.as_tensor(tap.probe_weight))
+    assert list(model.features._modules)[-1] == cut.split(".")[1]  # the model ends at the tap
     assert list(model.head._modules) == ["out"] and model.head.out.bias is None
     assert abs(evaluate(model, small_digits) - tap.accuracy) <= 1 / len(small_digits.test)
 
