@@ -63,8 +63,13 @@ def default_device() -> torch.device:
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Parameter groups: ``nn.Linear`` parameters ("fc") apart from all others ("conv"), each
     split further by the learning-rate factor of ``cfg.lr_factors`` (longest matching module
-    prefix; e.g. ``{"blocks": 0.1, "classifier": 1.0}``, the second paper's per-stage factors)."""
-    fc_ids = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    prefix; e.g. ``{"blocks": 0.1, "classifier": 1.0}``, the second paper's per-stage factors).
+    An AFCC :class:`~compress.compression.afcc.SparseHead` counts as "fc": it is a linear layer
+    with most of its weights gone."""
+    from compress.compression.afcc import SparseHead
+
+    fc_ids = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, SparseHead))
+              for p in m.parameters(recurse=False)}
     factors = dict(cfg.lr_factors or {})
     groups: dict[tuple[str, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():

@@ -45,3 +45,13 @@ def test_separate_conv_and_fc_groups():
     assert by_name["conv"]["lr"] == 0.1 and by_name["fc"]["lr"] == 0.01
     assert by_name["fc"]["weight_decay"] == 0.0
     assert [p.shape for p in by_name["fc"]["params"]] == [model.get_classifier().weight.shape]
+
+
+def test_sparse_head_is_in_the_fc_group():
+    from compress.compression.afcc import SparseHead
+
+    model = tiny_vgg()
+    model.head.out = SparseHead([0, 1, 1], [0, 3, 5], n_filters=2, out_features=10, spatial=(1, 1))
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=0.1, lr_fc=0.01))}
+    assert [p is model.head.out.values for p in groups["fc"]["params"]] == [True]
+    assert all(p is not model.head.out.values for p in groups["conv"]["params"])
