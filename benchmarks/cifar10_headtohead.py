@@ -364,8 +364,12 @@ def main() -> None:
     p.add_argument("--taylor-batches", type=int, default=10)
     p.add_argument("--bench-repeats", type=int, default=50)
     p.add_argument("--no-bench", action="store_true", help="build variants only; no timing and no report")
-    p.add_argument("--seed-variants", nargs="*", default=["trim-conv", "trim-conv+dilute+afcc"], choices=VARIANTS,
-                   help="variants also built with the extra --seeds (the seed-to-seed spread of the candidates)")
+    p.add_argument("--report-only", action="store_true",
+                   help="no building and no timing: write the results again from the bench runs already recorded")
+    p.add_argument("--seed-variants", nargs="*", choices=VARIANTS,
+                   default=["trim-conv", "trim-conv+dilute+afcc", "mechanism-multi", "l1@flops", "bn-scale@flops"],
+                   help="variants also built with the extra --seeds (the seed-to-seed spread of the candidates for "
+                        "both targets: the fastest within 1 point, and the equal-FLOPs comparison's two best criteria)")
     p.add_argument("--seeds", type=int, nargs="*", default=[1, 2], help="extra fine-tuning seeds (0 is the main one)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -391,11 +395,11 @@ def main() -> None:
         targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
         log(f"targets: FLOPs {targets['flops']:,} ({targets['flops'] / targets['base_flops']:.3f} of the base), "
             f"params {targets['params']:,} ({targets['params'] / targets['base_params']:.3f})")
-    for name in args.variants:
+    for name in [] if args.report_only else args.variants:
         t1 = time.perf_counter()
         build_variant(name, args, base, tune_bundle, (analysis, fine), stats, targets, log)
         log(f"  ({time.perf_counter() - t1:.0f} s)")
-    for name in [v for v in args.seed_variants if v in args.variants]:
+    for name in [v for v in args.seed_variants if v in args.variants and not args.report_only]:
         for seed in args.seeds:
             t1 = time.perf_counter()
             build_variant(name, args, base, tune_bundle, (analysis, fine), stats, targets, log, seed=seed)
@@ -405,12 +409,16 @@ def main() -> None:
         log(f"built {len(done)} of {len(VARIANTS)} variants; no bench this time")
         return
     folders = [variant_folder(args, v) for v in done]
-    result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
-                       names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
-                       repeats=args.bench_repeats)
     history = args.out / "bench-history"  # every bench run is kept: the speed-ups are medians over the runs
-    history.mkdir(exist_ok=True)
-    shutil.copy(args.out / "bench" / "bench.json", history / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
+    if args.report_only:
+        result = BenchResult(**json.loads((args.out / "bench" / "bench.json").read_text()))
+    else:
+        result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
+                           names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
+                           repeats=args.bench_repeats)
+        history.mkdir(exist_ok=True)
+        shutil.copy(args.out / "bench" / "bench.json",
+                    history / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     runs = [BenchResult(**json.loads(f.read_text())) for f in sorted(history.glob("*.json"))]
     infos = {v: json.loads((f / "info.json").read_text()) for v, f in zip(done, folders)}
     for v, info in infos.items():  # final accuracy (PyTorch, full test set) per fine-tuning seed
