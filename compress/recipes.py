@@ -253,16 +253,20 @@ class DiluteOptions:
 
     ``target``: filters to keep, as a count (``350``), a fraction of the layer (``0.7``), or
     ``auto`` (the fewest filters that keep every label covered ``min_coverage`` times).
+    ``round_to``: keep a multiple of this many filters (rounded up), for faster conv kernels.
     """
 
     layer: str | None = None
     tap: str = "plateau"
     target: int | float | Literal["auto"] = "auto"
     min_coverage: int = 1
+    round_to: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target, float) and not 0 < self.target < 1:
             raise UserError(f"dilute.target {self.target} must be a count, a fraction in (0, 1) or 'auto'")
+        if self.round_to is not None and self.round_to < 1:
+            raise UserError(f"dilute.round_to {self.round_to} must be a positive number of filters (e.g. 8)")
 
 
 @register_step_options("remove_blocks")

@@ -333,7 +333,7 @@ def _step_dilute(state: RunState, opts, folder: Path) -> dict[str, Any]:
     elif isinstance(target, float):
         target = max(1, round(target * state.model.get_submodule(layer).out_channels))
     _, info = dilute_by_coverage(state.model, state.analysis, layer=layer, target=target,
-                                 min_coverage=opts.min_coverage)
+                                 min_coverage=opts.min_coverage, round_to=opts.round_to)
     info["accuracy_before_finetune"] = evaluate(state.model, state.bundle)
     # Every tap at or after the diluted conv now has other filters.
     names = [n for n, _ in state.model.named_modules()]

@@ -256,3 +256,32 @@ def test_dilute_by_coverage_on_a_real_analysis(small_digits):
     assert default["layer"] == layer and default["filters_after"] == half
     imp = ClusterCoverageImportance.from_analysis(tiny_vgg(), analysis)
     assert set(imp.stats) == {"features.conv3", "features.conv4", "features.conv5"}
+
+
+def test_round_up():
+    from compress.compression.dilute import round_up
+
+    assert [round_up(n, 8, 64) for n in (1, 8, 9, 63, 64)] == [8, 8, 16, 64, 64]
+    assert round_up(61, 8, 62) == 62 and round_up(13, None, 64) == 13
+    with pytest.raises(UserError, match="round_to"):
+        round_up(5, 0, 64)
+
+
+@pytest.mark.parametrize("target", [None, 13])
+def test_dilute_by_coverage_rounds_the_width(small_digits, target):
+    from compress.analysis import AnalysisConfig, analyze_model
+
+    torch.manual_seed(0)
+    model = tiny_vgg().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = analyze_model(model, small_digits, ["features.pool5"], AnalysisConfig(probe_epochs=2),
+                                 progress=False)
+        plain = dilute_by_coverage(tiny_vgg().eval(), analysis, layer="features.conv5", target=target)[1]
+        model, report = dilute_by_coverage(model, analysis, layer="features.conv5", target=target, round_to=8)
+    assert plain["filters_after"] % 8 != 0  # the case is not trivially rounded already
+    want = min(64, -(-plain["filters_after"] // 8) * 8)
+    assert model.features.conv5.out_channels == report["filters_after"] == want and report["round_to"] == 8
+    assert set(plain["removed"]) >= set(report["removed"])  # the greedy picks the same filters first, then more
+    with torch.inference_mode():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

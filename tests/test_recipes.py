@@ -70,3 +70,9 @@ def test_shipped_recipes_start_on_cpu(path, capsys):
 
     assert main(["run", str(path), "--dry-run"]) == 0
     assert "is valid" in capsys.readouterr().out
+
+
+def test_dilute_round_to_must_be_positive():
+    with pytest.raises(UserError, match="round_to"):
+        DiluteOptions(round_to=0)
+    assert DiluteOptions(round_to=8).round_to == 8
