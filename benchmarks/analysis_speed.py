@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import compress
 from compress.analysis.engine import AnalysisConfig, analyze_tap
 from compress.data import iterate_batches, load_data
-from compress.features import FeatureCache, extract_features
+from compress.analysis.features import FeatureCache, extract_features
 from compress.io import atomic_write_text
 from compress.models import create_model, default_taps, run_to_taps, tap_shapes
 

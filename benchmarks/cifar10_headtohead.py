@@ -40,16 +40,16 @@ import torch.nn as nn
 
 from compress.analysis import AnalysisConfig, analyze_model, load_analysis
 from compress.analysis.stats import find_plateau
-from compress.bench import BenchResult, run_bench
-from compress.compression.baselines import accumulate_gradients, make_importance, needs_gradients, prune_to_target
+from compress.deploy.bench import BenchResult, run_bench
+from compress.compression.prune import accumulate_gradients, make_importance, needs_gradients, prune_to_target
 from compress.compression.dilute import (ClusterCoverageImportance, coverage, filter_scores, find_tap_conv,
                                          rank_filters)
 from compress.data import iterate_batches, load_data
-from compress.models.serialize import load_model, save_model
-from compress.pipeline import DataSpec, ModelSpec, analyze, environment
-from compress.recipes import (AfccOptions, AnalysisSection, DataSection, DiluteOptions, FinetuneOptions,
+from compress.compression.serialize import load_model, save_model
+from compress.jobs import DataSpec, ModelSpec, analyze, environment
+from compress.recipe.schema import (AfccOptions, AnalysisSection, DataSection, DiluteOptions, FinetuneOptions,
                               ModelSection, Recipe, TrimOptions)
-from compress.runner import _STEPS, RunState, measure
+from compress.recipe.runner import _STEPS, RunState, measure
 
 from cifar10_headtohead_report import write_results  # noqa: E402  (next to this script)
 
@@ -416,6 +416,7 @@ def main() -> None:
         result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
                            names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
                            repeats=args.bench_repeats)
+        write_bench_report(result, args.out / "bench")
         history.mkdir(exist_ok=True)
         shutil.copy(args.out / "bench" / "bench.json",
                     history / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")

@@ -2,7 +2,7 @@
 
 The tap ``features.pool2`` of a width-1.0 VGG-16 is 64 x 16 x 16 = 16,384 features per image;
 over the 50,000 training images that is 3.05 GiB in float32 (1.53 GiB in float16). With
-``max_memory_gb`` below that, :func:`compress.features.extract_features` writes it to a
+``max_memory_gb`` below that, :func:`compress.analysis.features.extract_features` writes it to a
 memory-mapped ``.npy`` file and, every 256 MiB written, flushes the pages and drops them from
 the process (``madvise(MADV_DONTNEED)``), so the resident set stays bounded.
 
@@ -40,7 +40,7 @@ import torch
 
 import compress
 from compress.data import iterate_batches, load_data
-from compress.features import extract_features
+from compress.analysis.features import extract_features
 from compress.io import atomic_write_text
 from compress.models import create_model, run_to_taps
 

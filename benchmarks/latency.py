@@ -6,7 +6,7 @@ What it does, on one data set (default: the embedded digits):
   2. makes compressed variants by removing ``--prune`` fractions of the channels of every conv
      layer with Torch-Pruning's dependency graph (L1 magnitude, output layer kept), each
      fine-tuned for ``--finetune-epochs``;
-  3. runs :func:`compress.bench.run_bench` on all of them in one process: export to ONNX (verified
+  3. runs :func:`compress.deploy.bench.run_bench` on all of them in one process: export to ONNX (verified
      against PyTorch), parameters and FLOPs (fvcore), latency with onnxruntime and PyTorch eager
      at ``--batch-sizes`` (``--warmup`` calls, then ``--repeats`` interleaved rounds, median and p90,
      PyTorch under ``torch.inference_mode``), test accuracy of each ONNX model;
@@ -34,12 +34,14 @@ from pathlib import Path
 
 import torch
 
-from compress.bench import run_bench
-from compress.bench_report import primary_backend, summary_rows
+from compress.deploy.bench import run_bench
+from compress.reports.bench import write_bench_report
+from compress.reports.bench import primary_backend, summary_rows
 from compress.data import load_data
 from compress.io import atomic_write_text
 from compress.models import create_model
-from compress.pipeline import ModelSpec, model_meta
+from compress.jobs import model_meta
+from compress.models import ModelConfig
 from compress.training import TrainConfig, evaluate, fit
 
 
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     bundle = load_data(args.data, limit_train=args.limit_train, limit_test=args.limit_test)
-    spec = ModelSpec("vgg16", {"width": 0.25, "batch_norm": True, "fc_hidden": []})
+    spec = ModelConfig("vgg16", {"width": 0.25, "batch_norm": True, "fc_hidden": []})
     meta = model_meta(spec, bundle)
     c, h, _ = bundle.input_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
 
     result = run_bench(models, bundle, out, batch_sizes=args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
                        threads=args.threads)
+    write_bench_report(result, out)
     buf = io.StringIO()
     with redirect_stdout(buf):
         print(f"# benchmarks/latency.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())

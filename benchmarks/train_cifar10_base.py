@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-from compress.pipeline import DataSpec, ModelSpec, environment, train
+from compress.data import DataConfig
+from compress.jobs import train
+from compress.models import ModelConfig
+from compress.system import environment
 from compress.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
@@ -31,8 +34,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ModelSpec("vgg16", {"width": 0.25, "batch_norm": True})
-    data = DataSpec(f"imagefolder:{args.data_dir}")
+    model = ModelConfig("vgg16", {"width": 0.25, "batch_norm": True})
+    data = DataConfig(f"imagefolder:{args.data_dir}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=100, lr=args.lr, momentum=0.9, weight_decay=5e-4,
                       schedule="onecycle", augment=True, seed=0)
     print("environment:", environment())

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from compress.errors import UserError, unknown_name
 
-__all__ = ["ImageSet", "DataBundle", "load_data", "list_datasets", "iterate_batches", "choose_labels"]
+__all__ = ["DataConfig", "ImageSet", "DataBundle", "load_data", "register_dataset", "list_datasets", "iterate_batches",
+           "choose_labels"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -75,21 +76,37 @@ class DataBundle:
 
 
 _DATASETS: dict[str, Callable[..., DataBundle]] = {}
+_PREFIXED: dict[str, Callable[..., DataBundle]] = {}
 
 
-def _register(name: str):
+def register_dataset(name: str, *, prefix: bool = False):
+    """Register a data set loader under ``name``; a duplicate name is an error.
+
+    A plain loader is called ``fn(root=..., download=...)`` and returns the whole data set (label
+    subsets and limits are applied afterwards). A ``prefix`` loader answers every name
+    ``<name>:<argument>`` (as ``imagefolder:<path>``, like ``timm:<model>``) and is called
+    ``fn(argument, image_size=, keep=, limits=(train, test), seed=)``: it applies the label subset
+    ``keep`` and the limits itself, so it can skip decoding what is not kept.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
     def deco(fn):
-        _DATASETS[name] = fn
+        if name in _DATASETS or name in _PREFIXED:
+            raise ValueError(f"dataset {name!r} is already registered")
+        (_PREFIXED if prefix else _DATASETS)[name] = fn
         return fn
 
     return deco
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS) + ["imagefolder:<path>"]
+    """Registered data set names (``<name>:<argument>`` for prefixed ones)."""
+    return sorted(_DATASETS) + [f"{p}:<{'path' if p == 'imagefolder' else 'argument'}>" for p in sorted(_PREFIXED)]
 
 
-@_register("digits")
+@register_dataset("digits")
 def _digits(root=None, download=False, seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
     """scikit-learn's 1,797 handwritten 8x8 digits, upscaled to 32x32 grey replicated to RGB."""
     from sklearn.datasets import load_digits
@@ -123,12 +140,12 @@ def _torchvision_cifar(cls_name: str, root, download: bool) -> DataBundle:
     return DataBundle(cls_name.lower(), splits[0], splits[1], list(ds.classes))
 
 
-@_register("cifar10")
+@register_dataset("cifar10")
 def _cifar10(root=None, download=False, **_) -> DataBundle:
     return _torchvision_cifar("CIFAR10", root, download)
 
 
-@_register("cifar100")
+@register_dataset("cifar100")
 def _cifar100(root=None, download=False, **_) -> DataBundle:
     return _torchvision_cifar("CIFAR100", root, download)
 
@@ -181,7 +198,8 @@ def _decode_all(files: list[Path], labels: torch.Tensor, size: int | None, where
     return ImageSet(x, labels)
 
 
-def _imagefolder(path: str, image_size: int | None, keep: list[int] | None, limits: tuple, seed: int) -> DataBundle:
+@register_dataset("imagefolder", prefix=True)
+def _imagefolder(path: str, *, image_size: int | None, keep: list[int] | None, limits: tuple, seed: int) -> DataBundle:
     """Scan first, select (label subset, limits), then decode only the chosen files."""
     root = Path(path)
     if not (root / "train").is_dir():
@@ -230,6 +248,41 @@ def _apply(split: ImageSet, keep: list[int] | None, limit: int | None, seed: int
     return ImageSet(split.images[idx], new)
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data to load (see :func:`load_data`).
+
+    Attributes:
+        name: digits (the embedded default), cifar10, cifar100 or imagefolder:<path>.
+        root: folder of the torchvision CIFAR files.
+        download: let torchvision download CIFAR into root.
+        num_labels: a nested subset of K labels, remapped to 0..K-1 (CIFAR-K).
+        label_seed: seed of the nested label order.
+        image_size: square input size (image folders are resized when read, other data sets batch by batch).
+        limit_train: a random subset of this many training images.
+        limit_test: a random subset of this many test images.
+        mean: per-channel mean of the normalisation (default 0.5 each: the papers' [-1, 1] scaling).
+        std: per-channel standard deviation of the normalisation (default 0.5 each).
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    num_labels: int | None = None
+    label_seed: int = 0
+    image_size: int | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def load(self) -> DataBundle:
+        """Load the data (:func:`load_data` with these settings)."""
+        return load_data(self.name, root=self.root, download=self.download, num_labels=self.num_labels,
+                         label_seed=self.label_seed, image_size=self.image_size, limit_train=self.limit_train,
+                         limit_test=self.limit_test, mean=self.mean, std=self.std)
+
+
 def load_data(name: str, *, root: str | os.PathLike | None = None, download: bool = False,
               num_labels: int | None = None, label_seed: int = 0, image_size: int | None = None,
               limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
@@ -253,14 +306,14 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
     for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
         if value is not None and value < 1:
             raise UserError(f"{flag}={value} would leave no images; give at least 1 (or leave it out to use all)")
-    if name.startswith("imagefolder:"):
-        path = name.split(":", 1)[1]
-        total = None
+    prefix, _, arg = name.partition(":")
+    if prefix in _PREFIXED and arg:
+        keep = None
         if num_labels is not None:
-            train_dir = Path(path) / "train"
+            train_dir = Path(arg) / "train"
             total = len([p for p in train_dir.iterdir() if p.is_dir()]) if train_dir.is_dir() else 0
-        keep = choose_labels(total, num_labels, label_seed) if num_labels is not None else None
-        bundle = _imagefolder(path, image_size, keep, (limit_train, limit_test), seed)
+            keep = choose_labels(total, num_labels, label_seed)
+        bundle = _PREFIXED[prefix](arg, image_size=image_size, keep=keep, limits=(limit_train, limit_test), seed=seed)
         if keep is not None:
             bundle = replace(bundle, meta={"labels_kept": keep})
     elif name in _DATASETS:

@@ -7,7 +7,7 @@ How the engine uses them:
 
 - :func:`compress.training.fit` wraps the model in ``DistributedDataParallel``; each rank
   trains on its :func:`shard_indices` of the epoch's permutation; rank 0 writes checkpoints.
-- :func:`compress.features.extract_features` runs each rank on a contiguous block of whole
+- :func:`compress.analysis.features.extract_features` runs each rank on a contiguous block of whole
   batches (:func:`shard_range`), then every rank receives the other blocks.
 - :func:`compress.analysis.fields.field_matrices` sums each rank's block of the test features
   and adds the per-class sums across ranks (:func:`all_reduce_sum`).
@@ -29,10 +29,8 @@ from compress.errors import UserError
 
 __all__ = ["init_distributed", "launched", "is_distributed", "rank", "world_size", "local_world_size", "is_main",
            "barrier", "all_reduce_sum", "broadcast_", "broadcast_object", "shard_indices", "shard_range",
-           "cli_session"]
+           "session"]
 
-# Commands that run across processes; the others refuse to start under torchrun with several.
-DISTRIBUTED_COMMANDS = ("train", "analyze")
 _CHUNK_BYTES = 256 * 2**20  # CPU tensors cross NCCL in pieces of this size
 
 
@@ -169,28 +167,32 @@ def shard_range(n: int, block: int = 1, *, of_rank: int | None = None) -> tuple[
 
 
 @contextmanager
-def cli_session(args) -> Iterator[None]:
-    """Set up one CLI command: seed, and under ``torchrun`` join the group and quiet non-zero ranks.
+def session(*, seed: int | None = None, single_process: str | None = None) -> Iterator[bool]:
+    """Set up one command: seed, and under ``torchrun`` join the process group.
 
-    torch's global generator is seeded with the command's ``--seed``, so a model's initial
-    weights (drawn before training starts) follow the seed too, in every process alike. Ranks
-    other than 0 print nothing on stdout and show no progress bars (errors still reach stderr).
-    Commands other than :data:`DISTRIBUTED_COMMANDS` refuse to run in several processes.
+    torch's global generator is seeded with ``seed``, so a model's initial weights (drawn before
+    training starts) follow the seed too, in every process alike. Ranks other than 0 print
+    nothing on stdout (errors still reach stderr).
+
+    Args:
+        seed: seed of torch's global generator (``None``: left as it is).
+        single_process: when the command cannot run in several processes, the message of the
+            error raised if it was started so (``None``: it can).
+
+    Yields:
+        True on the ranks that should stay quiet (all but rank 0).
     """
-    if getattr(args, "seed", None) is not None:
-        torch.manual_seed(args.seed)
-    if launched() and int(os.environ["WORLD_SIZE"]) > 1 and getattr(args, "command", None) not in DISTRIBUTED_COMMANDS:
-        raise UserError(f"`compress {args.command or 'demo'}` runs in one process; under torchrun use "
-                        f"{' or '.join('`compress ' + c + '`' for c in DISTRIBUTED_COMMANDS)}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    if single_process is not None and launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UserError(single_process)
     joined = init_distributed()
     quiet = not is_main()
     stdout = sys.stdout
     if quiet:
         sys.stdout = open(os.devnull, "w")
-        if hasattr(args, "quiet"):
-            args.quiet = True
     try:
-        yield
+        yield quiet
     finally:
         if quiet:
             sys.stdout.close()

@@ -27,3 +27,14 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UserError:
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
     return UserError(f"unknown {kind} {name!r}{hint}; valid: {shown}")
+
+
+class OptionError(UserError):
+    """A bad value of one configuration field, raised where the field is checked (a config
+    class's ``__post_init__``). Shown as ``<key> <message>`` on its own, and as
+    ``<where>.<key>: <message>`` when a recipe section is loaded (:func:`compress.config.from_dict`).
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key, self.message = key, message

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -27,10 +27,26 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of phase 1 (the papers' tables give one set per architecture).
+    """Hyper-parameters of training (phase 1) and of fine-tuning; the papers' tables give one set
+    per architecture. SGD with Nesterov momentum and L2 weight decay, linear layers ("fc") and the
+    others ("conv") in separate parameter groups.
 
-    ``lr_fc``, ``momentum_fc`` and ``weight_decay_fc`` default to the conv values when ``None``.
-    The step schedule multiplies the learning rate by ``lr_decay`` every ``lr_step`` epochs.
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per optimiser step (the global batch under torchrun).
+        lr: learning rate of the conv (non-linear) layers.
+        momentum: Nesterov momentum of the conv layers.
+        weight_decay: L2 weight decay of the conv layers.
+        lr_fc: learning rate of the linear layers (default: lr).
+        momentum_fc: momentum of the linear layers (default: momentum).
+        weight_decay_fc: weight decay of the linear layers (default: weight_decay).
+        schedule: step (lr x lr_decay every lr_step epochs), cosine, or onecycle.
+        lr_decay: q, the factor of the step schedule.
+        lr_step: dt, epochs between two decays of the step schedule.
+        augment: random flips and 4-pixel translations of the training images.
+        amp: mixed precision on CUDA.
+        seed: initial weights, shuffling and augmentation.
+        lr_factors: learning-rate factor per module prefix, e.g. {blocks: 0.1, classifier: 1.0}.
     """
 
     epochs: int = 30
@@ -41,19 +57,23 @@ class TrainConfig:
     lr_fc: float | None = None
     momentum_fc: float | None = None
     weight_decay_fc: float | None = None
-    schedule: str = "step"
+    schedule: Literal["step", "cosine", "onecycle"] = "step"
     lr_decay: float = 0.6
     lr_step: int = 20
     augment: bool = True
     amp: bool = True
     seed: int = 0
-    lr_factors: dict[str, float] | None = None
+    lr_factors: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("step", "cosine", "onecycle"):
             raise UserError(f"unknown schedule {self.schedule!r}; valid: step, cosine, onecycle")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch_size must be at least 1")
+
+    def train_options(self) -> dict[str, Any]:
+        """The fields of :class:`TrainConfig` alone (a subclass may add its own)."""
+        return {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
 
 
 def default_device() -> torch.device:
@@ -64,11 +84,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Parameter groups: ``nn.Linear`` parameters ("fc") apart from all others ("conv"), each
     split further by the learning-rate factor of ``cfg.lr_factors`` (longest matching module
     prefix; e.g. ``{"blocks": 0.1, "classifier": 1.0}``, the second paper's per-stage factors).
-    An AFCC :class:`~compress.compression.afcc.SparseHead` counts as "fc": it is a linear layer
-    with most of its weights gone."""
-    from compress.compression.afcc import SparseHead
-
-    fc_ids = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, SparseHead))
+    A module that declares ``param_group = "fc"`` counts as "fc" too (an AFCC
+    :class:`~compress.compression.afcc.SparseHead`: a linear layer with most of its weights gone)."""
+    fc_ids = {id(p) for m in model.modules() if isinstance(m, nn.Linear) or getattr(m, "param_group", None) == "fc"
               for p in m.parameters(recurse=False)}
     factors = dict(cfg.lr_factors or {})
     groups: dict[tuple[str, float], list[nn.Parameter]] = {}
@@ -170,62 +188,16 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history: list[dict[str, float]] = []
-    start = 0
     ckpt_path = out_dir / CHECKPOINT
-    world = distributed.world_size()
+    history = _resume(model, opt, ckpt_path, device) if resume else []
+    net, batch_size = _parallel(model, cfg, device)
     progress = progress and distributed.is_main()
-    if resume and _checkpoint_visible(ckpt_path, world):
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = json.loads(state["history"])
-        start = int(state["epoch"]) + 1
-    net, batch_size = model, cfg.batch_size
-    if world > 1:
-        if cfg.batch_size < world:
-            raise UserError(f"batch size {cfg.batch_size} is smaller than the {world} processes; use at least {world}")
-        batch_size = cfg.batch_size // world
-        if any(p.requires_grad for p in model.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(len(history), cfg.epochs):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(cfg, epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        order = None
-        if world > 1:  # the same permutation everywhere, one shard each; augmentation differs per rank
-            order = distributed.shard_indices(len(bundle.train), cfg.seed * 100003 + epoch)
-            gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 1009 + distributed.rank())
-        _train_mode(net)
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        batches = iterate_batches(bundle, bundle.train, batch_size, shuffle=True, augmented=cfg.augment,
-                                  generator=gen, device=device, order=order)
-        steps_per_epoch = max(1, math.ceil((len(bundle.train) if order is None else len(order)) / batch_size))
-        bar = tqdm(batches, total=steps_per_epoch, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            if cfg.schedule != "step":  # smooth schedules move every step
-                for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * _lr_factor(cfg, epoch + step / steps_per_epoch)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = net(x)
-                loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if after_step is not None:
-                after_step(model)
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        if world > 1:  # the epoch's figures over all processes
-            seen, loss_sum, correct = distributed.all_reduce_sum(
-                torch.tensor([seen, loss_sum, correct], dtype=torch.float64)).tolist()
+        t0 = time.perf_counter()
+        step = _Step(net, model, opt, scaler, base_lrs, cfg, use_amp, after_step)
+        seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
         test_acc = evaluate(model, bundle, device=device)
         history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
                         "train_acc": correct / seen, "test_acc": test_acc, "seconds": time.perf_counter() - t0})
@@ -235,11 +207,97 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
                        f"test {test_acc:.4f}  ({h['seconds']:.1f} s)")
         if distributed.is_main():
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                               "history": json.dumps(history), "config": json.dumps(asdict(cfg)),
+                               "history": json.dumps(history), "config": json.dumps(cfg.train_options()),
                                "meta": json.dumps(meta or {})}, ckpt_path)
             atomic_write_text(out_dir / "history.json", json.dumps(history, indent=2))
         distributed.barrier()
     return history
+
+
+def _resume(model: nn.Module, opt: torch.optim.Optimizer, path: Path, device: torch.device) -> list[dict[str, float]]:
+    """Load the model and optimiser state of ``path`` when every process sees it; the history so far."""
+    if not _checkpoint_visible(path, distributed.world_size()):
+        return []
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    history = json.loads(state["history"])
+    if len(history) != int(state["epoch"]) + 1:
+        raise UserError(f"{str(path)!r} is inconsistent (epoch {state['epoch']}, {len(history)} history rows); "
+                        f"pass --no-resume to start again")
+    return history
+
+
+def _parallel(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, int]:
+    """The module to call (``DistributedDataParallel`` under torchrun) and the per-process batch size."""
+    world = distributed.world_size()
+    if world == 1:
+        return model, cfg.batch_size
+    if cfg.batch_size < world:
+        raise UserError(f"batch size {cfg.batch_size} is smaller than the {world} processes; use at least {world}")
+    if not any(p.requires_grad for p in model.parameters()):
+        return model, cfg.batch_size // world
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False), cfg.batch_size // world
+
+
+@dataclass
+class _Step:
+    """What one optimiser step needs."""
+
+    net: nn.Module
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    base_lrs: list[float]
+    cfg: TrainConfig
+    use_amp: bool
+    after_step: Any
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.schedule != "step":  # smooth schedules move every step
+            for g, lr in zip(self.opt.param_groups, self.base_lrs):
+                g["lr"] = lr * _lr_factor(self.cfg, epoch)
+        with torch.autocast(x.device.type, enabled=self.use_amp):
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.after_step is not None:
+            self.after_step(self.model)
+        return loss, logits
+
+
+def _train_epoch(step: _Step, bundle: DataBundle, batch_size: int, epoch: int, device: torch.device,
+                 progress: bool) -> tuple[float, float, float]:
+    """One pass over the training split; returns (images seen, summed loss, correct) over all processes."""
+    cfg, world = step.cfg, distributed.world_size()
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    order = None
+    if world > 1:  # the same permutation everywhere, one shard each; augmentation differs per rank
+        order = distributed.shard_indices(len(bundle.train), cfg.seed * 100003 + epoch)
+        gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 1009 + distributed.rank())
+    _train_mode(step.net)
+    seen, loss_sum, correct = 0, 0.0, 0
+    batches = iterate_batches(bundle, bundle.train, batch_size, shuffle=True, augmented=cfg.augment,
+                              generator=gen, device=device, order=order)
+    steps_per_epoch = max(1, math.ceil((len(bundle.train) if order is None else len(order)) / batch_size))
+    bar = tqdm(batches, total=steps_per_epoch, disable=not progress,
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        loss, logits = step(x, y, epoch + i / steps_per_epoch)
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    if world > 1:  # the epoch's figures over all processes
+        seen, loss_sum, correct = distributed.all_reduce_sum(
+            torch.tensor([seen, loss_sum, correct], dtype=torch.float64)).tolist()
+    return seen, loss_sum, correct
 
 
 def _checkpoint_visible(path: Path, world: int) -> bool:

@@ -15,7 +15,7 @@ from compress.compression.afcc import (MaskKeeper, SparseHead, afcc_mask, afcc_r
                                        conv_mask_from_labels, count_kept, fc_mask_from_labels, label_sets,
                                        papers_estimate, select_trainable)
 from compress.errors import UserError
-from compress.models.serialize import load_model, save_model
+from compress.compression.serialize import load_model, save_model
 from compress.training import TrainConfig, fit
 
 from conftest import tiny_vgg

@@ -71,8 +71,8 @@ def _unknown_tap(tmp, out, ckpt):
 
 
 def _unknown_step(tmp, out, ckpt):
-    return (["run", _recipe(tmp, {"steps": [{"prune": {}}]}), "--out", out],
-            ["'prune'", "recipe.steps[0]", "valid:", "dilute", "trim"])
+    return (["run", _recipe(tmp, {"steps": [{"prnue": {}}]}), "--out", out],
+            ["'prnue'", "recipe.steps[0]", "valid:", "dilute", "trim"])
 
 
 def _recipe_unknown_key(tmp, out, ckpt):

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.compression.baselines import (accumulate_gradients, count_metric, make_importance, needs_gradients,
+from compress.compression.prune import (accumulate_gradients, count_metric, make_importance, needs_gradients,
                                             prune_to_target)
 from compress.compression.dilute import ClusterCoverageImportance
 from compress.errors import UserError
 from compress.models import create_model
-from compress.models.serialize import load_model, save_model
+from compress.compression.serialize import load_model, save_model
 
 OPTS = {"width": 0.125, "fc_hidden": [16]}
 SIZE = [3, 32, 32]

@@ -10,15 +10,16 @@ import time
 import pytest
 import torch
 
-from compress.bench import (BenchResult, LatencyStats, available_backends, count_flops, count_params, measure_latency, run_bench,
+from compress.deploy.bench import (BenchResult, LatencyStats, available_backends, count_flops, count_params, measure_latency, run_bench,
                             time_interleaved, torch_runner)
-from compress.bench_report import write_bench_report
+from compress.reports.bench import write_bench_report
 from compress.cli import main
 from compress.data import load_data
 from compress.errors import UserError
-from compress.export import export_onnx
-from compress.models.serialize import save_model
-from compress.pipeline import ModelSpec, model_meta
+from compress.deploy.export import export_onnx
+from compress.compression.serialize import save_model
+from compress.jobs import model_meta
+from compress.models import ModelConfig
 
 from conftest import tiny_vgg
 
@@ -36,7 +37,7 @@ def two_models(bundle, tmp_path_factory):
     for name, width in (("original", 0.25), ("small", 0.125)):
         torch.manual_seed(0)
         model = tiny_vgg(width=width).eval()
-        meta = model_meta(ModelSpec("vgg6", {"width": width, "fc_hidden": []}), bundle)
+        meta = model_meta(ModelConfig("vgg6", {"width": width, "fc_hidden": []}), bundle)
         paths.append(save_model(model, folder / name / "model.pt", meta))
     return paths
 
@@ -119,7 +120,7 @@ def test_bench_command_on_two_tiny_models(two_models, tmp_path, capsys):
 
 
 def test_bench_takes_onnx_files_beside_model_files(two_models, bundle, tmp_path):
-    from compress.models.serialize import load_model
+    from compress.compression.serialize import load_model
 
     model, meta = load_model(two_models[1])
     onnx_path = export_onnx(model, meta, tmp_path / "small.onnx",

@@ -6,7 +6,7 @@ import torch
 from compress.compression.blocks import drop_layers, list_stages, remove_blocks
 from compress.errors import UserError
 from compress.models import create_model
-from compress.models.serialize import load_model, save_model
+from compress.compression.serialize import load_model, save_model
 
 SIZE = (3, 32, 32)
 

@@ -16,7 +16,7 @@ from compress.compression.dilute import (ClusterCoverageImportance, coverage, di
                                          record_pruning, select_filters)
 from compress.errors import UserError
 from compress.models import create_model
-from compress.models.serialize import load_model, save_model
+from compress.compression.serialize import load_model, save_model
 from conftest import tiny_vgg
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from compress.cli import main
-from compress.experiments import fit_error_line
+from compress.jobs import fit_error_line
 
 
 def test_fit_error_line():

@@ -13,10 +13,11 @@ import torch
 from compress.cli import main
 from compress.data import load_data
 from compress.errors import UserError
-from compress.export import ExportMismatchError, export_and_verify, export_onnx, load_onnx, onnx_metadata, verify_onnx
-from compress.models.serialize import save_model
-from compress.pipeline import ModelSpec, model_meta
-from compress.predict import open_session, read_deploy_meta
+from compress.deploy.export import ExportMismatchError, export_and_verify, export_onnx, load_onnx, onnx_metadata, verify_onnx
+from compress.compression.serialize import save_model
+from compress.jobs import model_meta
+from compress.models import ModelConfig
+from compress.deploy.predict import open_session, read_deploy_meta
 
 from conftest import tiny_vgg
 
@@ -35,7 +36,7 @@ def make_model(bundle, width=0.125, img_size=32, seed=0):
         x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear")
     with torch.no_grad():
         model.train()(x)
-    meta = model_meta(ModelSpec("vgg6", {"width": width, "fc_hidden": []}), bundle)
+    meta = model_meta(ModelConfig("vgg6", {"width": width, "fc_hidden": []}), bundle)
     meta["input_size"] = [3, img_size, img_size]
     return model.eval(), meta
 

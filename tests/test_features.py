@@ -2,7 +2,7 @@
 
 import torch
 
-from compress.features import extract_features
+from compress.analysis.features import extract_features
 from compress.models import run_to_taps
 from compress.data import iterate_batches
 

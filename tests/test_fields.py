@@ -6,7 +6,7 @@ import torch
 from compress.analysis import clip_fields, field_matrices, normalize_fields
 from compress.data import iterate_batches
 from compress.errors import UserError
-from compress.features import extract_features
+from compress.analysis.features import extract_features
 from compress.models import run_to_taps
 
 from conftest import tiny_vgg

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from compress.bench_report import write_bench_report
-from compress.report import write_report
+from compress.reports.bench import write_bench_report
+from compress.reports.analysis import write_report
 
 from test_bench import fake_result
 from test_report import _make_result

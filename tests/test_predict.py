@@ -14,9 +14,10 @@ from PIL import Image
 from compress.cli import main
 from compress.data import load_data
 from compress.errors import UserError
-from compress.export import export_onnx
-from compress.pipeline import ModelSpec, model_meta
-from compress.predict import DeployMeta, open_session, predict_images, preprocess_images, read_deploy_meta
+from compress.deploy.export import export_onnx
+from compress.jobs import model_meta
+from compress.models import ModelConfig
+from compress.deploy.predict import DeployMeta, open_session, predict_images, preprocess_images, read_deploy_meta
 
 from conftest import CIFAR10, tiny_vgg
 
@@ -48,7 +49,7 @@ def test_predict_on_cifar10_images_gives_pytorch_labels(tmp_path, capsys):
     files = [f for f in files if f.is_file()]
     assert len(files) >= 4
     model = _calibrated_model(bundle.normalize(bundle.train.images))
-    meta = model_meta(ModelSpec("vgg6", {"width": 0.125, "fc_hidden": []}), bundle)
+    meta = model_meta(ModelConfig("vgg6", {"width": 0.125, "fc_hidden": []}), bundle)
     onnx_path = export_onnx(model, meta, tmp_path / "cifar.onnx")
 
     pixels = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
@@ -71,7 +72,7 @@ def test_predict_on_cifar10_images_gives_pytorch_labels(tmp_path, capsys):
 def digits_onnx(tmp_path_factory):
     bundle = load_data("digits", limit_train=128, limit_test=1)
     model = _calibrated_model(bundle.normalize(bundle.train.images))
-    meta = model_meta(ModelSpec("vgg6", {"width": 0.125, "fc_hidden": []}), bundle)
+    meta = model_meta(ModelConfig("vgg6", {"width": 0.125, "fc_hidden": []}), bundle)
     meta.update(mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 0.2])  # uneven, so a wrong channel order shows
     return export_onnx(model, meta, tmp_path_factory.mktemp("predict") / "digits.onnx"), model
 

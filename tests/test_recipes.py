@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from compress.errors import UserError
-from compress.recipes import DiluteOptions, apply_overrides, load_recipe, parse_recipe
+from compress.recipe.schema import apply_overrides, load_recipe, parse_recipe
+from compress.recipe.steps.dilute import Dilute as DiluteOptions
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 BASE = {"name": "t", "model": {"name": "vgg6", "options": {"width": 0.125}, "train": {"epochs": 1}},
@@ -16,14 +17,14 @@ BASE = {"name": "t", "model": {"name": "vgg6", "options": {"width": 0.125}, "tra
 def test_valid_recipe_parses():
     r = parse_recipe(BASE)
     assert [s.name for s in r.steps] == ["trim", "finetune"]
-    assert r.steps[1].options.epochs == 1 and r.model.train.epochs == 1
+    assert r.steps[1].epochs == 1 and r.model.train.epochs == 1
 
 
 @pytest.mark.parametrize("change,message", [
     ({"modle": {}}, "unknown key in recipe 'modle' (did you mean 'model'?)"),
     ({"model": {"name": "vgg6", "train": {"epochs": 1}, "widht": 1}}, "unknown key in recipe.model 'widht'"),
     ({"model": {"name": "vgg6", "train": {"epochs": "ten"}}}, "recipe.model.train.epochs: expected int, got 'ten'"),
-    ({"steps": [{"prune": {}}]}, "unknown step in recipe.steps[0] 'prune'"),
+    ({"steps": [{"prnue": {}}]}, "unknown step in recipe.steps[0] 'prnue'"),
     ({"steps": [{"trim": {"tap": "features.pool9"}}]}, "unknown tap or layer of vgg6 'features.pool9'"),
     ({"steps": [{"dilute": {"target": 1.5}}]}, "must be a count, a fraction in (0, 1) or 'auto'"),
     ({"steps": [{"dilute": {"target": "half"}}]}, "recipe.steps[0].dilute.target: expected int or float or one of 'auto'"),
@@ -40,7 +41,7 @@ def test_bad_recipes_are_refused(change, message):
 def test_overrides():
     data = apply_overrides(BASE, ["model.train.epochs=3", "steps.0.trim.tap=last", "analysis.probe_epochs=7"])
     r = parse_recipe(data)
-    assert r.model.train.epochs == 3 and r.steps[0].options.tap == "last" and r.analysis.probe_epochs == 7
+    assert r.model.train.epochs == 3 and r.steps[0].tap == "last" and r.analysis.probe_epochs == 7
     assert BASE["model"]["train"]["epochs"] == 1  # the original is untouched
     with pytest.raises(UserError, match="not an index"):
         apply_overrides(BASE, ["steps.5.trim.tap=last"])

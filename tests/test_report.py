@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from compress.analysis.result import AnalysisResult, LayerStats, TapAnalysis
-from compress.report import write_report
+from compress.reports.analysis import write_report
 
 DATA_URI = "data:image/png;base64,"
 

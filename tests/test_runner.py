@@ -8,7 +8,7 @@ import torch
 from compress.analysis import AnalysisConfig, analyze_model
 from compress.cli import main
 from compress.compression.trim import trim_at
-from compress.models.serialize import load_model
+from compress.compression.serialize import load_model
 from compress.training import TrainConfig, evaluate, fit
 
 from conftest import tiny_vgg

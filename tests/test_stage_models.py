@@ -8,7 +8,7 @@ from compress.compression.blocks import list_stages, remove_blocks
 from compress.compression.dilute import dilute_by_coverage
 from compress.data import load_data
 from compress.errors import UserError
-from compress.export import export_and_verify
+from compress.deploy.export import export_and_verify
 from compress.models import create_model, default_taps, tap_shapes
 from compress.models.taps import auto_taps
 

@@ -5,7 +5,9 @@ import torch
 
 from compress.errors import UserError
 from compress.models import create_model, load_checkpoint
-from compress.pipeline import DataSpec, ModelSpec, train
+from compress.data import DataConfig
+from compress.jobs import train
+from compress.models import ModelConfig
 from compress.training import TrainConfig, param_groups
 
 
@@ -31,8 +33,8 @@ def test_lr_factors_make_per_stage_groups():
 def test_fine_tune_from_local_weights(tmp_path):
     source = create_model("vgg6", width=0.125, fc_hidden=[], num_classes=7)
     torch.save(source.state_dict(), tmp_path / "src.pt")
-    spec = ModelSpec("vgg6", {"width": 0.125, "fc_hidden": []}, str(tmp_path / "src.pt"), False, ("head",))
-    model, history, _ = train(spec, DataSpec("digits", limit_train=200, limit_test=100),
+    spec = ModelConfig("vgg6", {"width": 0.125, "fc_hidden": []}, str(tmp_path / "src.pt"), ["head"])
+    model, history, _ = train(spec, DataConfig("digits", limit_train=200, limit_test=100),
                               TrainConfig(epochs=1, lr=0.01, momentum=0.9, lr_factors={"features": 0.1}),
                               tmp_path / "run", progress=False)
     assert len(history) == 1 and model.get_classifier().out_features == 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,9 +16,9 @@ from compress.analysis.fields import clip_fields, field_matrices, normalize_fiel
 from compress.analysis.result import AnalysisResult, TapAnalysis
 from compress.analysis.stats import find_plateau, label_snr, layer_stats, snr_estimates
 from compress.data import DataBundle
-from compress.errors import UserError
-from compress.features import FeatureCache, extract_features
-from compress.probes import LinearProbe
+from compress.errors import OptionError, UserError
+from compress.analysis.features import FeatureCache, extract_features
+from compress.analysis.probes import LinearProbe
 
 __all__ = ["AnalysisConfig", "analyze_model", "analyze_tap"]
 
@@ -28,19 +28,24 @@ class AnalysisConfig:
     """Settings of phases 2 and 3 (probe defaults from the method's public implementation).
 
     Attributes:
+        taps: module paths or globs to analyse (default: the model's stage ends and final feature layer).
         threshold: clipping threshold of the normalised field matrices, in (0, 1).
-        probe_epochs, probe_batch_size, probe_lr, probe_momentum, probe_weight_decay,
-            probe_lr_decay: probe training (lr multiplied by ``probe_lr_decay`` every epoch).
-        plateau_tolerance: percentage points below the best probe accuracy still on the plateau.
-        feature_dtype: ``float32`` or ``float16`` cache.
+        probe_epochs: training epochs of each linear probe.
+        probe_batch_size: images per probe step.
+        probe_lr: probe learning rate.
+        probe_momentum: probe SGD momentum.
+        probe_weight_decay: probe L2 weight decay.
+        probe_lr_decay: factor on the probe learning rate after every epoch.
+        plateau_tolerance: accuracy points below the best probe still counted as the plateau.
+        feature_dtype: precision of the cached tap features.
         max_memory_gb: feature caches larger than this go to memory-mapped files.
-        cache_dir: folder for those files.
-        batch_size: images per forward pass during extraction.
-        tap_pool: average-pool each tap with this kernel and stride before its probe (the second
-            paper's 7x7 for EfficientNet-B0 at 224x224); ``None`` probes the full tap output.
+        cache_dir: folder for those files (default: a temporary folder).
+        batch_size: images per forward pass during feature extraction.
+        tap_pool: average-pool each tap KxK, stride K, before its probe (the paper used 7 at 224x224).
         seed: probe initialisation and shuffling.
     """
 
+    taps: list[str] | None = None
     threshold: float = 0.3
     probe_epochs: int = 200
     probe_batch_size: int = 100
@@ -49,7 +54,7 @@ class AnalysisConfig:
     probe_weight_decay: float = 1e-3
     probe_lr_decay: float = 0.975
     plateau_tolerance: float = 0.5
-    feature_dtype: str = "float32"
+    feature_dtype: Literal["float32", "float16"] = "float32"
     max_memory_gb: float = 4.0
     cache_dir: str | None = None
     batch_size: int = 100
@@ -58,7 +63,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
-            raise UserError(f"threshold {self.threshold} is outside (0, 1); the papers use 0.3 (robust in 0.3-0.6)")
+            raise OptionError("threshold", f"{self.threshold} is outside (0, 1); the papers use 0.3 (robust in 0.3-0.6)")
         if self.probe_epochs < 1:
             raise UserError(f"probe_epochs must be at least 1, got {self.probe_epochs}")
         if self.plateau_tolerance < 0:

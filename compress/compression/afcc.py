@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from compress.errors import UserError, unknown_name
-from compress.models.serialize import record_transform, register_transform
+from compress.models.transforms import record_transform, register_transform
+from compress.models.introspect import get_module, set_module
 
 if TYPE_CHECKING:
     from compress.analysis.result import TapAnalysis
@@ -158,7 +159,7 @@ class MaskKeeper:
 
     def __call__(self, model: nn.Module) -> nn.Module:
         for path, mask in self.masks.items():
-            layer = _get_module(model, path)
+            layer = get_module(model, path)
             key = (path, layer.weight.device)
             if key not in self._device_masks:
                 self._device_masks[key] = mask.to(layer.weight.device)
@@ -207,7 +208,10 @@ class SparseHead(nn.Module):
 
     Attributes:
         values: (P, H*W) weights of the kept blocks.
+        param_group: "fc": training puts its parameters with the linear layers'.
     """
+
+    param_group = "fc"
 
     def __init__(self, filters: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int], n_filters: int,
                  out_features: int, spatial: tuple[int, int], bias: bool = False):
@@ -272,22 +276,9 @@ class SparseHead(nn.Module):
                 f"pairs={self.filters.numel()}, bias={self.bias is not None}")
 
 
-def _get_module(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise unknown_name("module", path, [n for n, _ in model.named_modules() if n]) from None
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    _get_module(model, path)  # raises with a hint when the path is wrong
-    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
-
-
 def compress_head(model: nn.Module, head_path: str, mask: torch.Tensor, spatial: tuple[int, int]) -> nn.Module:
     """Replace the ``nn.Linear`` at ``head_path`` with its :class:`SparseHead` and record the
-    ``afcc`` transform, so :func:`~compress.models.serialize.load_model` rebuilds it.
+    ``afcc`` transform, so :func:`~compress.compression.serialize.load_model` rebuilds it.
 
     Args:
         model: the network, changed in place.
@@ -298,11 +289,11 @@ def compress_head(model: nn.Module, head_path: str, mask: torch.Tensor, spatial:
     Returns:
         ``model``.
     """
-    linear = _get_module(model, head_path)
+    linear = get_module(model, head_path)
     if not isinstance(linear, nn.Linear):
         raise UserError(f"{head_path!r} is a {type(linear).__name__}, not an nn.Linear; AFCC compresses a linear head")
     head = SparseHead.from_linear(linear, mask, spatial)
-    _set_module(model, head_path, head)
+    set_module(model, head_path, head)
     record_transform(model, {"kind": "afcc", "module": head_path, "filters": head.filters.tolist(),
                              "labels": head.labels.tolist(), "spatial": list(head.spatial),
                              "in_features": head.in_features, "out_features": head.out_features,
@@ -315,13 +306,13 @@ def _replay_afcc(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Swap the linear layer at ``spec["module"]`` for an empty SparseHead with the recorded pairs
     (the weights are loaded afterwards)."""
     path = spec["module"]
-    linear = _get_module(model, path)
+    linear = get_module(model, path)
     n_in, k = int(spec["in_features"]), int(spec["out_features"])
     if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (n_in, k):
         raise UserError(f"afcc transform expects an nn.Linear({n_in}, {k}) at {path!r}, found {linear}")
     h, w = spec["spatial"]
     head = SparseHead(spec["filters"], spec["labels"], n_in // (h * w), k, (h, w), bias=bool(spec.get("bias", False)))
-    _set_module(model, path, head.to(linear.weight.device))
+    set_module(model, path, head.to(linear.weight.device))
     return model
 
 

@@ -16,15 +16,10 @@ import torch.nn as nn
 
 from compress.analysis import AnalysisResult
 from compress.errors import UserError
-from compress.models.serialize import record_transform, register_transform
+from compress.models.transforms import record_transform, register_transform
+from compress.models.introspect import input_size_of, set_module
 
 __all__ = ["list_stages", "remove_blocks", "drop_layers", "plateau_stages"]
-
-
-def _input_size(model: nn.Module) -> tuple[int, ...]:
-    cfg = getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 32, 32)))
-    return size if len(size) == 3 else (3, 32, 32)
 
 
 def _forward_ok(model: nn.Module, what: str, input_size: Sequence[int] | None = None) -> None:
@@ -33,7 +28,7 @@ def _forward_ok(model: nn.Module, what: str, input_size: Sequence[int] | None = 
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *(input_size or _input_size(model)), device=p.device, dtype=p.dtype))
+            model(torch.zeros(1, *(input_size or input_size_of(model)), device=p.device, dtype=p.dtype))
     except RuntimeError as e:
         raise UserError(f"{what} leaves a model that does not run: {str(e).splitlines()[0]}") from None
     finally:
@@ -93,10 +88,9 @@ def drop_layers(model: nn.Module, layers: Sequence[str], input_size: Sequence[in
 
             raise unknown_name("layer", path, [n for n in modules if n])
     for path in layers:
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+        set_module(model, path, nn.Identity())
     head_path, head = _classifier(model)
-    size = input_size or _input_size(model)
+    size = input_size or input_size_of(model)
     with torch.no_grad():
         was = model.training
         model.eval()
@@ -104,8 +98,7 @@ def drop_layers(model: nn.Module, layers: Sequence[str], input_size: Sequence[in
         model.train(was)
     if feats != head.in_features:
         new = nn.Linear(feats, head.out_features, bias=head.bias is not None).to(head.weight.device)
-        parent, _, attr = head_path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        set_module(model, head_path, new)
         if hasattr(model, "num_features"):
             model.num_features = feats
     _forward_ok(model, f"dropping {list(layers)}", size)

@@ -23,7 +23,8 @@ import torch_pruning as tp
 
 from compress.analysis.result import AnalysisResult, TapAnalysis
 from compress.errors import UserError, unknown_name
-from compress.models.serialize import record_transform, register_transform
+from compress.models.transforms import record_transform, register_transform
+from compress.models.introspect import input_size_of
 
 __all__ = ["filter_scores", "coverage", "rank_filters", "select_filters", "dilution_report", "find_tap_conv",
            "dilute", "dilute_by_coverage", "record_pruning", "replay_pruning", "ClusterCoverageImportance"]
@@ -218,13 +219,6 @@ def find_tap_conv(model: nn.Module, tap: str) -> str:
     return last
 
 
-def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> list[int]:
-    size = input_size or getattr(model, "default_cfg", {}).get("input_size")
-    if size is None:
-        raise UserError(f"{type(model).__name__} declares no input size; pass input_size or example_inputs")
-    return [int(s) for s in size]
-
-
 def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     """A dependency graph traced in eval mode (tracing must not update batch-norm statistics)."""
     training = model.training
@@ -244,7 +238,7 @@ def record_pruning(model: nn.Module, graph: tp.DependencyGraph, input_size: Sequ
     ``graph`` is recorded, so call this once per graph, after its last pruning step.
     """
     history = [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in graph.pruning_history()]
-    spec = {"kind": "prune", "input_size": _input_size(model, input_size), "history": history}
+    spec = {"kind": "prune", "input_size": list(input_size_of(model, input_size)), "history": history}
     record_transform(model, spec)
     return spec
 
@@ -252,7 +246,7 @@ def record_pruning(model: nn.Module, graph: tp.DependencyGraph, input_size: Sequ
 @register_transform("prune")
 def replay_pruning(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """Redo a recorded ``prune`` transform on a fresh model (its weights are loaded afterwards)."""
-    size = _input_size(model, spec.get("input_size"))
+    size = list(input_size_of(model, spec.get("input_size")))
     device = next(model.parameters()).device
     graph = _build_graph(model, torch.randn(1, *size, device=device))
     graph.load_pruning_history(copy.deepcopy(spec["history"]))
@@ -272,7 +266,7 @@ def dilute(model: nn.Module, layer: str, keep: Sequence[int], example_inputs: to
         example_inputs: a batch for tracing; by default random of ``model.default_cfg["input_size"]``.
 
     Returns:
-        The same model, carrying a ``prune`` transform for :func:`compress.models.serialize.save_model`.
+        The same model, carrying a ``prune`` transform for :func:`compress.compression.serialize.save_model`.
     """
     conv = _module(model, layer)
     if not isinstance(conv, nn.Conv2d):
@@ -285,7 +279,7 @@ def dilute(model: nn.Module, layer: str, keep: Sequence[int], example_inputs: to
         return model
     if example_inputs is None:
         device = next(model.parameters()).device
-        example_inputs = torch.randn(1, *_input_size(model, None), device=device)
+        example_inputs = torch.randn(1, *list(input_size_of(model, None)), device=device)
     graph = _build_graph(model, example_inputs)
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)
     if not graph.check_pruning_group(group):

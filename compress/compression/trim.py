@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from compress.errors import UserError
-from compress.models.serialize import record_transform, register_transform
+from compress.models.transforms import record_transform, register_transform
+from compress.models.introspect import input_size_of, set_module
 
 __all__ = ["trim_at", "trim_report"]
 
@@ -39,12 +40,11 @@ def trim_at(model: nn.Module, tap: str, head_weight: torch.Tensor | None = None)
         The same model object, changed in place, with the transform recorded for replay.
     """
     parent, seq, idx = _sequential_split(model, tap)
-    input_size = model.default_cfg["input_size"] if hasattr(model, "default_cfg") else (3, 32, 32)
+    input_size = input_size_of(model)
     kept = OrderedDict(list(seq._modules.items())[: idx + 1])
     new_trunk = nn.Sequential(kept)
     if parent:
-        parent_mod, _, attr = parent.rpartition(".")
-        setattr(model.get_submodule(parent_mod) if parent_mod else model, attr, new_trunk)
+        set_module(model, parent, new_trunk)
     p = next(model.parameters())
     with torch.no_grad():
         was = new_trunk.training

@@ -4,6 +4,7 @@ and ``load_checkpoint`` that names mismatched keys."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,9 +12,35 @@ import torch
 import torch.nn as nn
 
 from compress.errors import UserError, unknown_name
+from compress.models.introspect import set_input_size
 from compress.models.registry import get_builder, list_models
 
-__all__ = ["create_model", "load_checkpoint", "read_state_dict", "available_models"]
+__all__ = ["ModelConfig", "create_model", "load_checkpoint", "read_state_dict", "available_models"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build: a factory name, its options, and where its weights come from.
+
+    Attributes:
+        name: vgg16, vgg6, avgg16, timm:<name> or torchvision:<name>.
+        options: architecture options passed to the builder (own VGGs: width, batch_norm, fc_hidden).
+        checkpoint: state dict (.pt/.pth, a training checkpoint) or .safetensors to load.
+        checkpoint_skip: module prefixes left out of the checkpoint load (e.g. a 1,000-label classifier).
+        pretrained: timm/torchvision pretrained weights (downloads).
+    """
+
+    name: str = "vgg16"
+    options: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    checkpoint_skip: list[str] = field(default_factory=list)
+    pretrained: bool = False
+
+    def build(self, num_classes: int, input_size: Sequence[int]) -> nn.Module:
+        """The model sized for ``num_classes`` labels and (C, H, W) ``input_size``, with its weights."""
+        c, h, _ = input_size
+        return create_model(self.name, num_classes=num_classes, in_chans=c, img_size=h, pretrained=self.pretrained,
+                            checkpoint=self.checkpoint, checkpoint_skip=tuple(self.checkpoint_skip), **self.options)
 
 
 def available_models() -> list[str]:
@@ -21,7 +48,7 @@ def available_models() -> list[str]:
     return list_models() + ["timm:<name>", "torchvision:<name>"]
 
 
-def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
+def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_size: int | None = None,
                  pretrained: bool = False, checkpoint: str | os.PathLike | None = None,
                  checkpoint_skip: Sequence[str] = (), **kwargs: Any) -> nn.Module:
     """Build a model by name and optionally load a checkpoint into it.
@@ -31,7 +58,8 @@ def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_siz
             ``torchvision:<name>``.
         num_classes: output units.
         in_chans: input channels (own and timm models).
-        img_size: input resolution (own models size their head from it).
+        img_size: input resolution (own models size their head from it; default 32). When given,
+            it is recorded as the model's input size (:func:`~compress.models.introspect.input_size_of`).
         pretrained: ask timm/torchvision for pretrained weights (downloads; never used in tests).
         checkpoint: a ``.pt``/``.pth`` state dict (or a training checkpoint holding one under
             ``"model"``) or a ``.safetensors`` file.
@@ -59,9 +87,11 @@ def create_model(name: str, *, num_classes: int = 10, in_chans: int = 3, img_siz
     else:
         builder = get_builder(name)
         try:
-            model = builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+            model = builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size or 32, **kwargs)
         except TypeError as e:
             raise UserError(f"bad option for model {name!r}: {e}") from None
+    if img_size is not None:
+        set_input_size(model, (in_chans, img_size, img_size))
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, skip=checkpoint_skip)
     return model

@@ -3,14 +3,14 @@ context manager that records tap outputs."""
 
 from __future__ import annotations
 
-import fnmatch
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from compress.errors import UserError, unknown_name
+from compress.errors import UserError
+from compress.models.introspect import input_size_of, match_modules
 
 __all__ = ["default_taps", "auto_taps", "resolve_taps", "tap_shapes", "capture", "StopForward"]
 
@@ -40,13 +40,6 @@ def default_taps(model: nn.Module, input_size: Sequence[int] | None = None) -> l
             names.append(final)
         return names
     return auto_taps(model, input_size)
-
-
-def _input_size_of(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
-    if input_size is not None:
-        return tuple(input_size)
-    cfg = getattr(model, "default_cfg", None) or getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("input_size", (3, 224, 224)))
 
 
 def _is_stage(m: nn.Module) -> bool:
@@ -82,7 +75,7 @@ def _unit_shapes(model: nn.Module, input_size: Sequence[int] | None) -> list[tup
     try:
         p = next(model.parameters(), None)
         with torch.no_grad():
-            model(torch.zeros(1, *_input_size_of(model, input_size), device=p.device if p is not None else "cpu"))
+            model(torch.zeros(1, *input_size_of(model, input_size), device=p.device if p is not None else "cpu"))
     finally:
         for h in handles:
             h.remove()
@@ -137,14 +130,7 @@ def resolve_taps(model: nn.Module, names: Sequence[str] | None, input_size: Sequ
     """
     if not names:
         return default_taps(model, input_size)
-    modules = [n for n, _ in model.named_modules() if n]
-    chosen: set[str] = set()
-    for name in names:
-        hits = fnmatch.filter(modules, name) if any(ch in name for ch in "*?[") else [name] if name in modules else []
-        if not hits:
-            raise unknown_name("tap", name, modules)
-        chosen.update(hits)
-    return [n for n in modules if n in chosen]
+    return match_modules(model, names, "tap")
 
 
 @contextmanager

@@ -21,14 +21,14 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from compress.analysis.result import AnalysisResult, TapAnalysis  # noqa: E402
-from compress.document import Figure as _Figure  # noqa: E402
-from compress.document import Heading as _Heading  # noqa: E402
-from compress.document import Para as _Para  # noqa: E402
-from compress.document import Table as _Table  # noqa: E402
-from compress.document import render_html as _render_html  # noqa: E402,F401
-from compress.document import render_markdown as _render_markdown  # noqa: E402,F401
-from compress.document import save_figure as _save  # noqa: E402
-from compress.document import write_document  # noqa: E402
+from compress.reports.document import Figure as _Figure  # noqa: E402
+from compress.reports.document import Heading as _Heading  # noqa: E402
+from compress.reports.document import Para as _Para  # noqa: E402
+from compress.reports.document import Table as _Table  # noqa: E402
+from compress.reports.document import render_html as _render_html  # noqa: E402,F401
+from compress.reports.document import render_markdown as _render_markdown  # noqa: E402,F401
+from compress.reports.document import save_figure as _save  # noqa: E402
+from compress.reports.document import write_document  # noqa: E402
 
 __all__ = ["write_report"]
 

@@ -1,5 +1,5 @@
 """The deployment commands ``export``, ``bench`` and ``predict``: thin wrappers around
-:mod:`compress.export`, :mod:`compress.bench` and :mod:`compress.predict`."""
+:mod:`compress.deploy.export`, :mod:`compress.deploy.bench` and :mod:`compress.deploy.predict`."""
 
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _test_data(args: argparse.Namespace, meta: dict):
-    from compress.export import load_test_data
+    from compress.deploy.export import load_test_data
 
     return load_test_data(meta, args.data, root=args.data_root, download=args.download, num_labels=args.labels,
                           image_size=args.image_size, limit_test=args.limit_test)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from compress.bench import count_flops, count_params
-    from compress.export import export_and_verify
-    from compress.models.serialize import load_model
+    from compress.deploy.bench import count_flops, count_params
+    from compress.deploy.export import export_and_verify
+    from compress.compression.serialize import load_model
 
     if str(args.model).lower().endswith(".onnx"):
         raise UserError(f"{args.model!r} is already an ONNX file; export takes a model file or checkpoint")
@@ -47,13 +47,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from compress.bench import read_model_file_meta, run_bench
-    from compress.bench_report import primary_backend, summary_rows
+    from compress.deploy.bench import read_model_file_meta, run_bench
+    from compress.reports.bench import primary_backend, summary_rows, write_bench_report
 
     bundle = _test_data(args, read_model_file_meta(args.models[0]))
     result = run_bench(args.models, bundle, args.out, names=args.names, batch_sizes=args.batch_sizes,
                        warmup=args.warmup, repeats=args.repeats, backends=args.backends, threads=args.threads,
                        tol=args.tol)
+    write_bench_report(result, args.out)
     header, rows, ratio_header, ratios = summary_rows(result)
     print(f"latency: {primary_backend(result)}, median of {args.repeats} interleaved repeats")
     for table in ((header, rows), (["ratio to original", *ratio_header[1:]], ratios)):
@@ -65,7 +66,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from compress.predict import predict_images
+    from compress.deploy.predict import predict_images
 
     if Path(args.model).suffix.lower() in (".pt", ".pth", ".safetensors", ".ckpt"):
         raise UserError(f"predict runs an ONNX file; export {args.model!r} first with `compress export`")

@@ -3,7 +3,7 @@ from that metadata alone and return the top labels with their probabilities.
 
 This module needs only onnxruntime, numpy and Pillow (no PyTorch, no compress model code), so it
 is the path a user's service takes. The metadata an exported file carries (``metadata_props``,
-all strings; JSON where noted) is written by :func:`compress.export.export_onnx`:
+all strings; JSON where noted) is written by :func:`compress.deploy.export.export_onnx`:
 
 - ``input_size``: JSON ``[C, H, W]``; images are resized to ``H x W`` (bilinear) and converted to
   RGB (or grey when ``C == 1``);

@@ -1,69 +1,41 @@
-"""Torch-Pruning's own criteria as baselines: prune a model with any importance to a FLOPs or a
-parameter target, so that a mechanism-guided model and the standard criteria meet at equal budgets.
+"""Prune channels of a whole network with any importance criterion, to a FLOPs or a parameter
+target or at a per-layer ratio, so that a mechanism-guided model and the standard criteria meet at
+equal budgets.
 
 :func:`prune_to_target` bisects ``BasePruner``'s pruning ratio on copies of the model until the
 pruned copy's FLOPs (fvcore, as ``compress bench`` counts them) or parameter count is within a
-tolerance of the target, then prunes the model itself once at that ratio and records the pruning
-as a replayable ``prune`` transform (:func:`compress.compression.dilute.record_pruning`), so the
-result saves and reloads without pickling modules. Any ``tp.importance.Importance`` works,
-including :class:`~compress.compression.dilute.ClusterCoverageImportance`; the named criteria of
-:data:`CRITERIA` are Torch-Pruning's standard ones.
+tolerance of the target, then prunes the model itself once at that ratio (:func:`prune_once`) and
+records the pruning as a replayable ``prune`` transform
+(:func:`compress.compression.dilute.record_pruning`), so the result saves and reloads without
+pickling modules. Any ``tp.importance.Importance`` works; the named criteria (Torch-Pruning's
+standard ones and ``coverage``) are in the registry of :mod:`compress.compression.importance`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from compress.compression.dilute import _input_size, record_pruning
+from compress.compression.dilute import record_pruning
+from compress.compression.importance import WithFallback, make_criterion, needs_gradients
 from compress.data import DataBundle, iterate_batches
 from compress.errors import UserError, unknown_name
+from compress.models.introspect import count_flops, count_params, input_size_of
 
-__all__ = ["CRITERIA", "WithFallback", "make_importance", "needs_gradients", "accumulate_gradients", "count_metric",
-           "prune_at_ratio", "prune_to_target"]
-
-
-class WithFallback(tp.importance.Importance):
-    """``primary``'s scores, or ``fallback``'s for the groups ``primary`` cannot score (it returns
-    ``None``: e.g. ``BNScaleImportance`` on a linear layer without batch-norm, which the pruner
-    would otherwise leave at full width)."""
-
-    def __init__(self, primary: tp.importance.Importance, fallback: tp.importance.Importance):
-        self.primary, self.fallback = primary, fallback
-
-    def __call__(self, group) -> torch.Tensor | None:
-        imp = self.primary(group)
-        return self.fallback(group) if imp is None else imp
-
-
-CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "taylor": tp.importance.GroupTaylorImportance,
-    # batch-norm scales where there is a batch-norm, L1 for the others (the hidden FC layers)
-    "bn-scale": lambda: WithFallback(tp.importance.BNScaleImportance(), tp.importance.GroupMagnitudeImportance(p=1)),
-    "bn-scale-only": tp.importance.BNScaleImportance,
-    "random": tp.importance.RandomImportance,
-}
+__all__ = ["WithFallback", "make_importance", "needs_gradients", "accumulate_gradients", "count_metric",
+           "classifier_paths", "layer_widths", "prune_at_ratio", "prune_once", "prune_to_target"]
 
 
 def make_importance(name: str) -> tp.importance.Importance:
-    """A fresh Torch-Pruning importance by its short name (see :data:`CRITERIA`)."""
-    if name not in CRITERIA:
-        raise unknown_name("pruning criterion", name, CRITERIA)
-    return CRITERIA[name]()
-
-
-def needs_gradients(importance: tp.importance.Importance) -> bool:
-    """Whether the criterion reads ``.grad`` (Taylor, Hessian): run :func:`accumulate_gradients` first."""
-    if isinstance(importance, WithFallback):
-        return needs_gradients(importance.primary) or needs_gradients(importance.fallback)
-    return isinstance(importance, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance))
+    """A fresh importance of a criterion that needs neither the model nor its analysis, by its short
+    name (``l1``, ``l2``, ``taylor``, ``bn-scale``, ``bn-scale-only``, ``random``); kept for older
+    callers, :func:`compress.compression.importance.make_criterion` is the general form."""
+    return make_criterion(name)
 
 
 def accumulate_gradients(model: nn.Module, bundle: DataBundle, *, batches: int = 10, batch_size: int = 100,
@@ -86,8 +58,6 @@ def accumulate_gradients(model: nn.Module, bundle: DataBundle, *, batches: int =
 
 def count_metric(model: nn.Module, metric: Literal["flops", "params"], input_size: Sequence[int]) -> int:
     """FLOPs of one image (fvcore, one multiply-add = 1) or the parameter count of ``model``."""
-    from compress.bench import count_flops, count_params
-
     if metric == "flops":
         return count_flops(model, input_size)
     if metric == "params":
@@ -104,18 +74,36 @@ def _copy_with_gradients(model: nn.Module) -> nn.Module:
     return twin
 
 
+def classifier_paths(model: nn.Module) -> list[str]:
+    """Module path of the model's classifier, which pruning leaves at full width (its outputs are
+    the labels): ``get_classifier()`` where the model has one, else its last conv or linear layer."""
+    named = list(model.named_modules())
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, (nn.Conv2d, nn.Linear)):
+        return [n for n, m in named if m is classifier][:1]
+    return [n for n, m in named if isinstance(m, (nn.Conv2d, nn.Linear))][-1:]
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv (filters) and linear layer (units), by module path."""
+    return {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
 def prune_at_ratio(model: nn.Module, importance: tp.importance.Importance, ratio: float, *,
                    ignored: Sequence[str] = (), input_size: Sequence[int] | None = None, seed: int = 0,
                    global_pruning: bool = False, round_to: int | None = None) -> tp.pruner.BasePruner:
     """Prune ``model`` in place with one ``BasePruner`` step at ``ratio`` (channels removed per layer,
     or over the whole network with ``global_pruning``); the layers named in ``ignored`` keep their
-    output channels; ``round_to`` keeps widths multiples of it (CPU kernels are faster on multiples of 8). Returns the pruner (its ``DG`` holds the pruning history)."""
+    output channels; ``round_to`` keeps widths multiples of it (CPU kernels are faster on multiples
+    of 8). Nothing is recorded: see :func:`prune_once`. Returns the pruner (its ``DG`` holds the
+    pruning history)."""
     modules = dict(model.named_modules())
     missing = [n for n in ignored if n not in modules]
     if missing:
         raise unknown_name("layer to leave unpruned", missing[0], [n for n in modules if n])
     device = next(model.parameters()).device
-    example = torch.randn(1, *_input_size(model, input_size), device=device)
+    example = torch.randn(1, *input_size_of(model, input_size), device=device)
     was = model.training
     model.eval()  # tracing must not update batch-norm statistics
     try:
@@ -127,6 +115,35 @@ def prune_at_ratio(model: nn.Module, importance: tp.importance.Importance, ratio
     finally:
         model.train(was)
     return pruner
+
+
+def prune_once(model: nn.Module, importance: tp.importance.Importance, ratio: float, *,
+               ignored: Sequence[str] | None = None, input_size: Sequence[int] | None = None, seed: int = 0,
+               global_pruning: bool = False, round_to: int | None = None) -> dict[str, Any]:
+    """Prune ``model`` in place at ``ratio`` (:func:`prune_at_ratio`), record it as a replayable
+    ``prune`` transform and clear the gradients.
+
+    Args:
+        model: the network (changed in place).
+        importance: any Torch-Pruning importance.
+        ratio: the fraction of channels removed per layer (or over the network with ``global_pruning``).
+        ignored: module paths left unpruned (default: the classifier, :func:`classifier_paths`).
+        input_size: (C, H, W); default the model's own.
+        seed: seed of the pruning step (RandomImportance).
+        global_pruning: rank channels over the whole network instead of per layer.
+        round_to: keep every pruned width a multiple of this (``None``: any width).
+
+    Returns:
+        ``{"ratio", "flops", "params", "widths"}`` after pruning.
+    """
+    size = input_size_of(model, input_size)
+    ignored = classifier_paths(model) if ignored is None else list(ignored)
+    pruner = prune_at_ratio(model, importance, ratio, ignored=ignored, input_size=size, seed=seed,
+                            global_pruning=global_pruning, round_to=round_to)
+    record_pruning(model, pruner.DG, input_size=size)
+    model.zero_grad(set_to_none=True)
+    return {"ratio": float(ratio), "flops": count_metric(model, "flops", size),
+            "params": count_metric(model, "params", size), "widths": layer_widths(model)}
 
 
 def prune_to_target(model: nn.Module, importance: tp.importance.Importance, target: float, *,
@@ -146,7 +163,7 @@ def prune_to_target(model: nn.Module, importance: tp.importance.Importance, targ
         importance: any Torch-Pruning importance (e.g. ``make_importance("l1")``).
         target: the FLOPs or parameter count to reach (absolute, not a fraction).
         metric: ``"flops"`` or ``"params"``.
-        ignored: module paths left unpruned (default: the model's classifier, ``get_classifier()``).
+        ignored: module paths left unpruned (default: the model's classifier, :func:`classifier_paths`).
         input_size: (C, H, W); default ``model.default_cfg["input_size"]``.
         tol: accepted relative distance to ``target``.
         max_ratio: largest pruning ratio tried.
@@ -159,10 +176,8 @@ def prune_to_target(model: nn.Module, importance: tp.importance.Importance, targ
         ``{"metric", "target", "ratio", "value", "relative_error", "trials", "flops", "params",
         "widths"}``; ``widths`` maps each conv / linear layer to its output width after pruning.
     """
-    size = _input_size(model, input_size)
-    if ignored is None:
-        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-        ignored = [n for n, m in model.named_modules() if classifier is not None and m is classifier]
+    size = input_size_of(model, input_size)
+    ignored = classifier_paths(model) if ignored is None else list(ignored)
     start = count_metric(model, metric, size)
     if not 0 < target < start:
         raise UserError(f"{metric} target {target:,.0f} must lie between 0 and the model's {start:,}")
@@ -185,14 +200,9 @@ def prune_to_target(model: nn.Module, importance: tp.importance.Importance, targ
             break
         lo, hi = (ratio, hi) if value > target else (lo, ratio)
     assert best is not None
-    pruner = prune_at_ratio(model, importance, best[1], ignored=ignored, input_size=size, seed=seed,
-                            global_pruning=global_pruning, round_to=round_to)
-    record_pruning(model, pruner.DG, input_size=size)
-    model.zero_grad(set_to_none=True)
-    widths = {n: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-              for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    value = count_metric(model, metric, size)
+    info = prune_once(model, importance, best[1], ignored=ignored, input_size=size, seed=seed,
+                      global_pruning=global_pruning, round_to=round_to)
+    value = info[metric]
     return {"metric": metric, "target": float(target), "ratio": best[1], "value": value,
-            "relative_error": (value - target) / target, "trials": trials,
-            "flops": count_metric(model, "flops", size), "params": count_metric(model, "params", size),
-            "widths": widths}
+            "relative_error": (value - target) / target, "trials": trials, "flops": info["flops"],
+            "params": info["params"], "widths": info["widths"]}

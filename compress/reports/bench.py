@@ -1,6 +1,6 @@
 """The benchmark report: the original against each compressed variant (size, FLOPs, latency,
 accuracy and their ratios), accuracy against latency and against FLOPs, and the environment, as
-Markdown and one self-contained HTML file (built with :mod:`compress.document`)."""
+Markdown and one self-contained HTML file (built with :mod:`compress.reports.document`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from compress.bench import BenchResult  # noqa: E402
-from compress.document import Heading, Para, Table, save_figure, write_document  # noqa: E402
+from compress.deploy.bench import BenchResult  # noqa: E402
+from compress.reports.document import Heading, Para, Table, save_figure, write_document  # noqa: E402
 
 __all__ = ["write_bench_report", "primary_backend", "summary_rows"]
 

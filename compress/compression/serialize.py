@@ -10,7 +10,8 @@ A model file is ``torch.save({"model": state_dict, "meta": json_string})``, load
 - ``transforms``: structural changes applied after building the base model, each a JSON dict
   with a ``kind`` registered by :func:`register_transform` (e.g. ``prune`` replays a
   Torch-Pruning history, ``trim`` cuts the network at a tap, ``afcc`` swaps a head for the
-  kept connections only).
+  kept connections only). The registry is :mod:`compress.models.transforms`; the transforms
+  are registered by the modules of :mod:`compress.compression` that make them.
 """
 
 from __future__ import annotations
@@ -18,50 +19,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from compress.errors import UserError
 from compress.io import atomic_torch_save
+from compress.models.factory import create_model, load_checkpoint, read_state_dict
+from compress.models.transforms import apply_transform
 
-__all__ = ["register_transform", "apply_transform", "save_model", "load_model", "read_model_meta",
-           "record_transform"]
-
-_TRANSFORMS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {}
-
-
-def register_transform(kind: str):
-    """Register ``fn(model, spec) -> model`` that re-applies a recorded structural change."""
-
-    def deco(fn):
-        if kind in _TRANSFORMS:
-            raise ValueError(f"transform {kind!r} is already registered")
-        _TRANSFORMS[kind] = fn
-        return fn
-
-    return deco
-
-
-def apply_transform(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Re-apply one recorded transform to ``model`` (its weights are loaded afterwards)."""
-    import compress.compression  # noqa: F401  (registers the transforms)
-
-    kind = spec.get("kind")
-    if kind not in _TRANSFORMS:
-        from compress.errors import unknown_name
-
-        raise unknown_name("model transform", str(kind), _TRANSFORMS)
-    return _TRANSFORMS[kind](model, spec)
-
-
-def record_transform(model: nn.Module, spec: dict[str, Any]) -> None:
-    """Append ``spec`` to the transforms the model carries (``model.compress_transforms``)."""
-    history = list(getattr(model, "compress_transforms", []))
-    history.append(spec)
-    model.compress_transforms = history
-
+__all__ = ["save_model", "load_model", "read_model_meta"]
 
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write ``model`` and its metadata (see the module docstring) atomically to ``path``."""
@@ -76,9 +44,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
 
 def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a model file; a bare state dict gives ``{}``."""
-    from compress.models.factory import read_state_dict  # validates the file (exists, readable, no code)
-
-    read_state_dict(path)
+    read_state_dict(path)  # validates the file (exists, readable, no code)
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("meta"), str):
         return json.loads(obj["meta"])
@@ -91,7 +57,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     Returns:
         ``(model, meta)`` with the model in eval mode on ``device``.
     """
-    from compress.models.factory import create_model, load_checkpoint
+    from compress.compression import afcc, blocks, dilute, trim  # noqa: F401  (register the transforms)
 
     meta = read_model_meta(path)
     if "model" not in meta:

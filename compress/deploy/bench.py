@@ -5,11 +5,8 @@ accuracy of the exported ONNX model, and the environment every figure was taken 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import platform
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,16 +15,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress._version import __version__
 from compress.data import DataBundle
 from compress.errors import UserError
-from compress.export import check_data_fits, export_and_verify, load_onnx, onnx_metadata
+from compress.deploy.export import check_data_fits, export_and_verify, load_onnx, onnx_metadata
 from compress.io import atomic_write_text, ensure_writable_dir
-from compress.predict import normalize_pixels, open_session, read_deploy_meta
+from compress.models.introspect import count_flops, count_params
+from compress.system import environment
+from compress.deploy.predict import normalize_pixels, open_session, read_deploy_meta
 
 __all__ = ["BACKENDS", "LatencyStats", "Candidate", "BenchResult", "count_params", "count_flops",
            "measure_latency", "time_interleaved", "torch_runner", "ort_runner", "available_backends",
-           "read_model_file_meta", "load_candidates", "onnx_accuracy", "environment", "run_bench", "load_bench"]
+           "read_model_file_meta", "load_candidates", "onnx_accuracy", "environment", "run_bench"]
 
 BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
 GENERIC_NAMES = {"model", "checkpoint", "best", "last"}
@@ -99,36 +97,7 @@ def _value(entry: dict[str, Any], key: str, backend: str | None, batch: int | No
     return None if v is None else float(v)
 
 
-def load_bench(folder: str | Path) -> BenchResult:
-    path = Path(folder) / "bench.json"
-    if not path.is_file():
-        raise UserError(f"{str(folder)!r} holds no bench.json; run `compress bench` first")
-    return BenchResult(**json.loads(path.read_text()))
-
-
 # ----------------------------------------------------------------------------- size and FLOPs
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, input_size: Sequence[int]) -> int:
-    """FLOPs of one image as fvcore counts them (one multiply-add is one FLOP)."""
-    device = next(iter(model.parameters())).device
-    was_training = model.training
-    model.eval()
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and deprecation notices from fvcore's jit trace
-            from fvcore.nn import FlopCountAnalysis
-
-            analysis = FlopCountAnalysis(model, torch.zeros(1, *input_size, device=device))
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            return int(analysis.total())
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -245,7 +214,7 @@ def read_model_file_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a model file / checkpoint, or the one an ONNX file carries (same keys)."""
     if str(path).lower().endswith(".onnx"):
         return _meta_from_onnx(onnx_metadata(load_onnx(path)))
-    from compress.models.serialize import read_model_meta
+    from compress.compression.serialize import read_model_meta
 
     return read_model_meta(path)
 
@@ -256,7 +225,7 @@ def load_candidates(models: Sequence[ModelRef], workdir: str | Path, *, names: S
     ``workdir/onnx/<name>.onnx`` (and verified on ``verify_data`` when given); ONNX files are
     checked and used as they are.
     """
-    from compress.models.serialize import load_model
+    from compress.compression.serialize import load_model
 
     if not models:
         raise UserError("give at least one model (a model file, checkpoint or ONNX file)")
@@ -310,44 +279,6 @@ def onnx_accuracy(onnx_path: str | os.PathLike, bundle: DataBundle, *, batch_siz
     return correct / max(1, len(labels))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(threads: int | None = None) -> dict[str, str]:
-    """CPU model, thread counts, load average, GPU, library versions and ONNX Runtime providers."""
-    import fvcore  # noqa: F401
-    import onnx
-    import onnxruntime as ort
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(pkg: str) -> str:
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            return "-"
-
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
-    return {
-        "cpu": _cpu_model(), "cpu_count": str(os.cpu_count()), "cpu_affinity": str(affinity),
-        "load_average": load,  # 1, 5, 15 min, after timing: other work on a shared machine shows here
-        "torch_threads": str(torch.get_num_threads()),
-        "ort_threads": str(threads) if threads else "onnxruntime default",
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "platform": platform.platform(), "python": platform.python_version(), "compress": __version__,
-        "torch": str(torch.__version__), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-        "onnxruntime_package": "onnxruntime-gpu" if ver("onnxruntime-gpu") != "-" else "onnxruntime",
-        "ort_providers": ",".join(ort.get_available_providers()), "numpy": np.__version__, "fvcore": ver("fvcore"),
-    }
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -399,8 +330,6 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
         threads: CPU threads of PyTorch and onnxruntime (default: PyTorch's current count for both).
         tol: export verification tolerance.
     """
-    from compress.bench_report import write_bench_report
-
     out = ensure_writable_dir(out)
     have = available_backends()
     backends = list(backends or have)
@@ -441,5 +370,4 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
                 "flops": "fvcore, one image, one multiply-add = 1 FLOP"}
     result = BenchResult(models, settings, env)
     result.save(out)
-    write_bench_report(result, out)
     return result

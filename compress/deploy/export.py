@@ -2,7 +2,7 @@
 that carries what a deployment needs, checked with ``onnx.checker`` and verified against PyTorch
 on real test inputs.
 
-The deployment metadata written here is read back by :mod:`compress.predict` (see its module
+The deployment metadata written here is read back by :mod:`compress.deploy.predict` (see its module
 docstring for the keys).
 """
 
@@ -24,7 +24,7 @@ from compress._version import __version__
 from compress.data import DataBundle, load_data
 from compress.errors import UserError
 from compress.io import atomic_write_bytes
-from compress.predict import open_session
+from compress.deploy.predict import open_session
 
 __all__ = ["OPSET", "ExportMismatchError", "deploy_metadata", "export_onnx", "check_onnx", "load_onnx",
            "onnx_metadata", "verify_onnx", "export_and_verify", "load_test_data", "check_data_fits"]

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from compress.analysis import AnalysisResult
-from compress.document import Heading, Para, Table, save_figure, write_document
+from compress.reports.document import Heading, Para, Table, save_figure, write_document
 
 __all__ = ["write_run_report"]
 

@@ -1,0 +1,193 @@
+"""The command line's flags, generated from the configuration classes: a default and its help are
+written once, in the class (its field and its docstring's ``Attributes:`` section), and
+:func:`add_flags` / :func:`from_flags` turn the class into flags and the flags back into a
+validated instance. The flag groups shared by several commands are defined here too."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Mapping, Sequence, Union
+
+from compress.analysis import AnalysisConfig
+from compress.config import convert, field_help, init_fields
+from compress.data import DataConfig
+from compress.errors import OptionError, UserError
+from compress.models import ModelConfig
+from compress.training import TrainConfig
+
+__all__ = ["add_flags", "from_flags", "add_model", "add_data", "add_train", "add_analysis", "model_config",
+           "data_config", "train_config", "analysis_config"]
+
+
+_ALIAS = "_alias_"  # namespace entries that point a config field at a flag another config added
+_FLAG = "_flag_"  # namespace entries that name the flag of a config field (for error messages)
+
+
+def _flag_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse ``type``/``choices``/``nargs`` for an annotation (Optional stripped)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1:
+            return _flag_type(arms[0])
+        return _yaml_value, {}
+    if origin is Literal:
+        choices = list(typing.get_args(tp))
+        return type(choices[0]), {"choices": choices}
+    if origin in (list, tuple):
+        inner, _ = _flag_type(typing.get_args(tp)[0])
+        return inner, {"nargs": "+"}
+    if origin is dict or tp is dict:
+        return _yaml_value, {}
+    if tp in (int, float, str):
+        return tp, {}
+    return _yaml_value, {}
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a YAML value") from None
+
+
+def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
+              rename: Mapping[str, str | Sequence[str]] | None = None, skip: Sequence[str] = (),
+              defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None) -> None:
+    """Add one flag per field of dataclass ``cls`` to ``parser`` (or an argument group).
+
+    The flag is ``--field-name`` (``rename`` maps a field to other option strings, e.g.
+    ``{"name": "--data"}``); its default and help come from the class, a boolean becomes
+    ``--x/--no-x``. A flag the parser already has (``--seed`` shared by two configs) is not added
+    again: both configs read the same value. The flag's ``dest`` is ``prefix`` + the field name
+    (read back by :func:`from_flags` with the same ``prefix``).
+    """
+    rename = dict(rename or {})
+    defaults = dict(defaults or {})
+    texts = field_help(cls)
+    texts.update(helps or {})
+    hints = typing.get_type_hints(cls)
+    actions = getattr(parser, "_option_string_actions", {})
+    for f in init_fields(cls):
+        if f.name in skip:
+            continue
+        names = rename.get(f.name, "--" + f.name.replace("_", "-"))
+        names = [names] if isinstance(names, str) else list(names)
+        dest = prefix + f.name
+        shared = next((actions[n] for n in names if n in actions), None)
+        if shared is not None:  # e.g. --seed of training and of the analysis: one flag, both read it
+            parser.set_defaults(**{_ALIAS + dest: shared.dest})
+            continue
+        parser.set_defaults(**{_FLAG + dest: names[0]})
+        default = defaults.get(f.name, _default(f))
+        text = texts.get(f.name, "")
+        shown = "" if default is None or isinstance(default, (dict, list)) and not default else f" (default: {default})"
+        tp = hints[f.name]
+        if tp is bool:
+            parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                                help=text + shown)
+            continue
+        conv, extra = _flag_type(tp)
+        metavar = None if "choices" in extra else f.name.upper().replace("_", "-").split("-")[-1]
+        parser.add_argument(*names, dest=dest, type=conv, default=default, help=text + shown, metavar=metavar,
+                            **extra)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "",
+               **fixed: Any) -> Any:
+    """Build ``cls`` from the parsed flags that :func:`add_flags` added with ``prefix`` (plus
+    ``fixed`` values), with the same checks as a recipe."""
+    data, flags = {}, {}
+    for f in init_fields(cls):
+        dest = getattr(args, _ALIAS + prefix + f.name, prefix + f.name)
+        flags[f.name] = getattr(args, _FLAG + dest, "--" + f.name.replace("_", "-"))
+        if hasattr(args, dest):
+            data[f.name] = getattr(args, dest)
+    data.update(fixed)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():  # argparse typed the values; None stands for "not given" where not allowed
+        if value is None and type(None) not in typing.get_args(hints[key]) and hints[key] is not Any:
+            continue
+        kwargs[key] = convert(value, hints[key], flags.get(key, key))
+    try:
+        return cls(**kwargs)
+    except OptionError as e:
+        raise UserError(f"{flags.get(e.key, e.key)} {e.message}") from None
+
+
+
+# the command line's names for fields whose flag is not --<field-name>
+_DATA_FLAGS = {"name": "--data", "root": "--data-root", "num_labels": ["--labels"]}
+_ANALYSIS_FLAGS = {"plateau_tolerance": ["--tolerance", "--plateau-tolerance"], "batch_size": "--extract-batch-size"}
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    add_flags(g, ModelConfig, prefix="model_", rename={"name": "--model"}, skip=["options"], defaults={"name": None},
+              helps={"name": "vgg16, vgg6, avgg16, timm:<name> or torchvision:<name> (default: from the checkpoint, "
+                             "else vgg16)"})
+    g.add_argument("--width", type=float, default=None, help="width multiplier of the own VGGs (e.g. 0.25)")
+    g.add_argument("--batch-norm", dest="batch_norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-norm after every conv (own VGGs; default on)")
+    g.add_argument("--fc-hidden", default=None, help="hidden FC widths before the output layer, e.g. 4096,4096 or none")
+
+
+def add_data(p: argparse.ArgumentParser) -> None:
+    add_flags(p.add_argument_group("data"), DataConfig, prefix="data_", rename=_DATA_FLAGS)
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    add_flags(p.add_argument_group("optimisation (SGD, Nesterov momentum, L2)"), TrainConfig)
+
+
+def add_analysis(p: argparse.ArgumentParser) -> None:
+    add_flags(p.add_argument_group("analysis"), AnalysisConfig, prefix="analysis_", rename=_ANALYSIS_FLAGS)
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The architecture options of the own VGGs given as flags."""
+    opts = {}
+    if args.width is not None:
+        opts["width"] = args.width
+    if args.batch_norm is not None:
+        opts["batch_norm"] = args.batch_norm
+    if args.fc_hidden is not None:
+        text = args.fc_hidden.strip().lower()
+        try:
+            opts["fc_hidden"] = [] if text in ("", "none") else [int(v) for v in text.split(",")]
+        except ValueError:
+            raise UserError(f"--fc-hidden {args.fc_hidden!r} must be comma-separated integers or 'none'") from None
+    return opts
+
+
+def model_config(args: argparse.Namespace, default_name: str = "") -> ModelConfig:
+    """The model of the flags; an empty name means "from the checkpoint" (see
+    :func:`compress.jobs.config_from_checkpoint`)."""
+    name = args.model_name or ("" if args.model_checkpoint else default_name or "vgg16")
+    return from_flags(ModelConfig, args, prefix="model_", name=name, options=model_options(args))
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return from_flags(DataConfig, args, prefix="data_")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return from_flags(TrainConfig, args)
+
+
+def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
+    return from_flags(AnalysisConfig, args, prefix="analysis_")

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export with verification, onnxruntime prediction, and the latency benchmark."""

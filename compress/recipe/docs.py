@@ -1,0 +1,48 @@
+"""The reference of every recipe step, generated from the step classes (their fields, defaults
+and docstrings), so the README's step table and the code cannot drift (a test compares them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+
+from compress.config import field_help, init_fields, to_dict, type_name
+from compress.recipe import steps as _builtin  # noqa: F401  (registers the built-in steps)
+from compress.recipe.step import list_steps
+
+__all__ = ["steps_markdown"]
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "required"
+    value = to_dict(value)
+    if isinstance(value, dict) and len(str(value)) > 40:
+        return "(see its own options)"
+    return "null" if value is None else str(value).replace("'", "")
+
+
+def _summary(cls: type) -> str:
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def steps_markdown() -> str:
+    """One Markdown section per registered step: what it does and a table of its options."""
+    lines = []
+    for name, cls in list_steps().items():
+        hints = typing.get_type_hints(cls)
+        helps = field_help(cls)
+        kind = "changes the model" if cls.changes_model else "measures or writes files; the model is unchanged"
+        lines += [f"#### `{name}`", "", f"{_summary(cls)} ({kind})", "",
+                  "| option | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for f in init_fields(cls):
+            text = helps.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {type_name(hints[f.name]).replace('|', '/')} | `{_default(f)}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Runs a recipe: obtain the model, analyse it, apply the steps in order, and write one run folder.
+
+The runner knows no step by name: it calls each step's ``run`` and, for a step that
+``changes_model``, measures the model and saves it. Layout of a run folder::
+
+    recipe.yaml            the resolved recipe (after --set overrides, every default filled in)
+    train/                 phase 1, when the recipe trains (checkpoint.pt, history.json)
+    analysis/              analysis.json, arrays/*.npz, report.md/html
+    steps/NN-<step>/       model.pt after the step (and the fine-tuning checkpoint)
+    model.pt, model.onnx   the final model
+    summary.json           before/after figures of every step, rewritten after each step
+    report.md, report.html the chain report
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from compress.config import to_dict
+from compress.data import DataBundle
+from compress.io import atomic_write_text, ensure_writable_dir
+from compress.jobs import analyze, build_model, model_meta, train
+from compress.recipe.schema import Recipe
+from compress.recipe.state import RunState, measure
+from compress.system import environment
+
+__all__ = ["run_recipe", "dry_run"]
+
+
+def _obtain_model(recipe: Recipe, out: Path, progress: bool) -> tuple[nn.Module, DataBundle]:
+    cfg = recipe.model.config()
+    if recipe.model.train is not None:  # from scratch, or transfer learning from a checkpoint / pretrained weights
+        model, _, bundle = train(cfg, recipe.data, recipe.model.train, out / "train", progress=progress)
+        return model, bundle
+    bundle = recipe.data.load()
+    return build_model(cfg, bundle), bundle
+
+
+def _write_summary(state: RunState, records: list[dict[str, Any]]) -> None:
+    doc = {"recipe": state.recipe.name, "environment": environment(), "steps": records, "artifacts": state.artifacts}
+    atomic_write_text(state.out / "summary.json", json.dumps(doc, indent=2, default=str))
+
+
+def _start(recipe: Recipe, out: Path, progress: bool) -> RunState:
+    """Train or load the model, analyse it and save it as the run's ``original``."""
+    model, bundle = _obtain_model(recipe, out, progress)
+    result = analyze(recipe.model.config(), recipe.data, recipe.analysis, out / "analysis", model=model, bundle=bundle,
+                     progress=progress)
+    state = RunState(recipe, model, bundle, model_meta(recipe.model.config(), bundle), result, out, progress)
+    original = str(state.save_current(out / "steps" / "00-original" / "model.pt"))
+    state.artifacts["original"] = state.models["original"] = original
+    return state
+
+
+def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Carry out ``recipe`` and write its run folder (see the module docstring).
+
+    Every intermediate model is saved as soon as its step ends, and ``summary.json`` is rewritten
+    after every step, so a failure keeps everything finished before it.
+
+    Returns:
+        The summary (also in ``summary.json``).
+    """
+    out = ensure_writable_dir(out)
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    state = _start(recipe, out, progress)
+    current = measure(state.model, state.bundle)
+    records: list[dict[str, Any]] = [{"step": "original", "after": current, "info": {}}]
+    _write_summary(state, records)
+    for i, step in enumerate(recipe.steps, start=1):
+        label = f"{i:02d}-{step.name}"
+        t0 = time.perf_counter()
+        info = step.run(state, out / "steps" / label) or {}
+        for p in state.model.parameters():
+            p.requires_grad_(True)
+        after = current
+        if step.changes_model:
+            after = measure(state.model, state.bundle)
+            path = str(state.save_current(out / "steps" / label / "model.pt"))
+            state.artifacts[label] = state.models[label] = state.models[step.name] = path
+        records.append({"step": step.name, "options": to_dict(step), "before": current, "after": after, "info": info,
+                        "seconds": time.perf_counter() - t0})
+        current = after
+        _write_summary(state, records)
+    state.artifacts["final"] = state.models["final"] = str(state.save_current(out / "model.pt"))
+    _write_summary(state, records)
+    from compress.reports.run import write_run_report
+
+    write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
+    return json.loads((out / "summary.json").read_text())
+
+
+def dry_run(recipe: Recipe) -> dict[str, Any]:
+    """Check that a recipe starts: build its model on the CPU (random weights, nothing downloaded)
+    and take one training step on a random batch of its input size; no data is read.
+
+    Returns:
+        ``{"model", "params", "input_size", "loss", "steps"}``.
+    """
+    from compress.models import create_model
+
+    m, d = recipe.model, recipe.data
+    size = d.image_size or 32
+    model = create_model(m.name, num_classes=d.num_labels or (100 if d.name == "cifar100" else 10), img_size=size,
+                         **m.options)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=m.train.lr if m.train else 0.01, momentum=0.9)
+    x = torch.randn(2, 3, size, size)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(2, dtype=torch.long))
+    loss.backward()
+    opt.step()
+    return {"model": m.name, "params": sum(p.numel() for p in model.parameters()), "input_size": [3, size, size],
+            "loss": float(loss.detach()), "steps": [s.name for s in recipe.steps]}

@@ -1,0 +1,93 @@
+"""What the steps of a run share: the current model, its data and analysis, the masks to keep
+during fine-tuning, and the files the run has produced so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from compress.analysis import AnalysisConfig, AnalysisResult, analyze_model
+from compress.compression.serialize import save_model
+from compress.data import DataBundle
+from compress.errors import unknown_name
+from compress.models.introspect import count_flops, count_nonzero, count_params
+from compress.training import evaluate
+
+__all__ = ["RunState", "measure"]
+
+
+def measure(model: nn.Module, bundle: DataBundle) -> dict[str, float]:
+    """Parameters (dense and non-zero), FLOPs (fvcore) and test accuracy of ``model``."""
+    return {"params": count_params(model), "nonzero_params": count_nonzero(model),
+            "flops": count_flops(model, bundle.input_size), "accuracy": evaluate(model, bundle)}
+
+
+@dataclass
+class RunState:
+    """The state a recipe's steps read and change.
+
+    Attributes:
+        recipe: the recipe being run.
+        model: the current model (steps change it in place or replace it).
+        bundle: the data.
+        meta: the metadata every saved model carries (labels, input size, normalisation).
+        analysis: the analysis of the original model, per tap; kept current by :meth:`tap_analysis`.
+        out: the run folder.
+        progress: show progress bars.
+        masks: AFCC masks re-applied after every fine-tuning step, by module path.
+        stale: taps whose analysis no longer matches the model (an earlier step changed them).
+        artifacts: files the run wrote, by name (``original``, ``NN-<step>``, ``final``, ``onnx``, ...).
+        models: model files a ``bench`` step can compare, by name (``original``, ``NN-<step>``,
+            the step name for its latest model, ``final``); ``.pt`` or ``.onnx``.
+    """
+
+    recipe: Any
+    model: nn.Module
+    bundle: DataBundle
+    meta: dict[str, Any]
+    analysis: AnalysisResult
+    out: Path
+    progress: bool = True
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    stale: set[str] = field(default_factory=set)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def analysis_config(self) -> AnalysisConfig:
+        return self.recipe.analysis
+
+    def resolve_tap(self, tap: str) -> str:
+        """A tap name, with ``plateau`` and ``last`` replaced by the analysed tap they stand for."""
+        names = [t.name for t in self.analysis.taps]
+        if tap == "plateau":
+            return self.analysis.plateau
+        if tap == "last":
+            return names[-1]
+        if tap not in names:
+            raise unknown_name("analysed tap", tap, names + ["plateau", "last"])
+        return tap
+
+    def tap_analysis(self, tap: str):
+        """The analysis of ``tap``, re-run for that tap alone when an earlier step changed its filters."""
+        if tap in self.stale:
+            fresh = analyze_model(self.model, self.bundle, [tap], self.analysis_config, progress=self.progress)
+            self.analysis.taps = [fresh.taps[0] if t.name == tap else t for t in self.analysis.taps]
+            self.stale.discard(tap)
+        return self.analysis.tap(tap)
+
+    def keeper(self) -> Callable[[nn.Module], None] | None:
+        """A callable that re-applies the AFCC masks after every optimiser step (``None``: no masks)."""
+        if not self.masks:
+            return None
+        from compress.compression.afcc import MaskKeeper
+
+        return MaskKeeper(self.masks)
+
+    def save_current(self, path: Path) -> Path:
+        """Save the current model with the run's metadata (the transforms it carries included)."""
+        return save_model(self.model, path, self.meta)

@@ -1,0 +1,36 @@
+"""``finetune``: train the whole current model for a few epochs (AFCC masks are kept)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from compress.recipe.state import RunState
+from compress.recipe.step import Step, register_step
+from compress.training import TrainConfig, fit
+
+__all__ = ["Finetune", "finetune"]
+
+
+def finetune(state: RunState, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
+    """Fine-tune ``state.model`` with ``cfg`` (resumable in ``folder``), re-applying the run's masks."""
+    history = fit(state.model, state.bundle, cfg, folder, resume=True, progress=state.progress,
+                  after_step=state.keeper())
+    return {"epochs": len(history), "final_test_acc": history[-1]["test_acc"] if history else None}
+
+
+@register_step("finetune")
+@dataclass(frozen=True)
+class Finetune(TrainConfig, Step):
+    """Fine-tune the whole current model (masks from earlier AFCC steps are kept). Its options are
+    those of training, with fine-tuning defaults."""
+
+    epochs: int = 5
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["step", "cosine", "onecycle"] = "cosine"
+
+    def run(self, state: RunState, folder: Path) -> dict[str, Any]:
+        return finetune(state, self, folder)
