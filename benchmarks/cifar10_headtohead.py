@@ -8,8 +8,9 @@ process. Variants:
 
 - the recipes: ``trim`` (at the plateau, probe as head), ``dilute`` (the plateau conv by label
   coverage), ``afcc`` (at the plateau, head+stage fine-tune), ``trim+dilute+afcc``;
-- ``mechanism-multi``: trim at the plateau, then every conv pruned by cluster coverage
-  (``ClusterCoverageImportance``) through Torch-Pruning to ``--flops-target`` of the base FLOPs;
+- ``mechanism-multi``: trim at the plateau, then every conv pruned by cluster coverage (the
+  ``prune`` step's ``coverage`` criterion) through Torch-Pruning to ``--flops-target`` of the base
+  FLOPs;
 - ``coverage@flops``: the coverage criterion alone on the untrimmed model, same FLOPs (a control
   with the baselines' architecture);
 - ``<criterion>@flops`` / ``<criterion>@params``: Torch-Pruning's L1, Taylor, BN-scale and random
@@ -38,18 +39,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.analysis import AnalysisConfig, analyze_model, load_analysis
+from compress.analysis import AnalysisConfig, AnalysisResult, analyze_model, load_analysis
 from compress.analysis.stats import find_plateau
-from compress.deploy.bench import BenchResult, run_bench
-from compress.compression.prune import accumulate_gradients, make_importance, needs_gradients, prune_to_target
-from compress.compression.dilute import (ClusterCoverageImportance, coverage, filter_scores, find_tap_conv,
-                                         rank_filters)
-from compress.data import iterate_batches, load_data
+from compress.compression.dilute import coverage, filter_scores, find_tap_conv, rank_filters
 from compress.compression.serialize import load_model, save_model
-from compress.jobs import DataSpec, ModelSpec, analyze, environment
-from compress.recipe.schema import (AfccOptions, AnalysisSection, DataSection, DiluteOptions, FinetuneOptions,
-                              ModelSection, Recipe, TrimOptions)
-from compress.recipe.runner import _STEPS, RunState, measure
+from compress.data import DataConfig, iterate_batches, load_data
+from compress.deploy.bench import BenchResult, run_bench
+from compress.jobs import analyze
+from compress.models import ModelConfig
+from compress.recipe import Recipe, RecipeModel, Step
+from compress.recipe.state import RunState, measure
+from compress.recipe.steps.afcc import Afcc
+from compress.recipe.steps.dilute import Dilute
+from compress.recipe.steps.finetune import Finetune
+from compress.recipe.steps.prune import Prune
+from compress.recipe.steps.trim import Trim
+from compress.reports.bench import write_bench_report
+from compress.system import environment
 
 from cifar10_headtohead_report import write_results  # noqa: E402  (next to this script)
 
@@ -110,8 +116,8 @@ def run_analysis(args, base: Path, model: nn.Module, meta: dict, bundle, log: Lo
     if (folder / "analysis.json").is_file():
         main = load_analysis(folder)
     else:
-        spec = ModelSpec(meta["model"], meta.get("options", {}), str(base))
-        main = analyze(spec, DataSpec(f"imagefolder:{args.data_dir}"), cfg, folder, model=model, bundle=bundle,
+        model_cfg = ModelConfig(meta["model"], dict(meta.get("options", {})), str(base))
+        main = analyze(model_cfg, DataConfig(f"imagefolder:{args.data_dir}"), cfg, folder, model=model, bundle=bundle,
                        progress=False)
     have = {find_tap_conv(model, t.name) for t in main.taps}
     taps = [n.replace("conv", "relu") for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in have]
@@ -159,60 +165,81 @@ def fine_analysis(args, model: nn.Module, meta: dict, main, bundle, log: Log):
 # ------------------------------------------------------------------------------------ variants
 
 
-def fresh_state(args, base: Path, bundle, analysis, folder: Path) -> RunState:
+def fresh_state(args, base: Path, bundle, analysis: AnalysisResult, folder: Path) -> RunState:
     model, meta = load_model(base)
     model.train()
-    recipe = Recipe("cifar10-headtohead", ModelSection(meta["model"], dict(meta["options"]), str(base)),
-                    DataSection(f"imagefolder:{args.data_dir}"),
-                    AnalysisSection(probe_epochs=args.probe_epochs, feature_dtype="float16"), ())
+    recipe = Recipe("cifar10-headtohead", RecipeModel(meta["model"], dict(meta["options"]), str(base)),
+                    DataConfig(f"imagefolder:{args.data_dir}"),
+                    AnalysisConfig(probe_epochs=args.probe_epochs, feature_dtype="float16"), ())
     return RunState(recipe, model, bundle, meta, copy.deepcopy(analysis), folder, progress=False)
 
 
-def prune(state: RunState, importance, target: float, metric: str, round_to: int | None, args) -> dict[str, Any]:
-    now = measure(state.model, state.bundle)[metric]
-    if now <= target * (1 + args.tol):  # e.g. trimming alone already reached mechanism-multi's target
-        return {"skipped": f"{metric} {now:,} already within the target {target:,.0f}"}
-    if needs_gradients(importance):
-        accumulate_gradients(state.model, state.bundle, batches=args.taylor_batches)
-    info = prune_to_target(state.model, importance, target, metric=metric, tol=args.tol, round_to=round_to)
-    info.pop("trials")
-    return info
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A ``prune`` step to an absolute FLOPs or parameter count (the ``prune`` step's own target is a fraction
+    of the model it gets, known only once the steps before it have run)."""
+
+    criterion: str
+    target: float
+    metric: str
+    round_to: int | None
+    name = "prune"
+
+    def run(self, state: RunState, folder: Path, args) -> dict[str, Any]:
+        now = measure(state.model, state.bundle)[self.metric]
+        if now <= self.target * (1 + args.tol):  # e.g. trimming alone already reached mechanism-multi's target
+            return {"skipped": f"{self.metric} {now:,} already within the target {self.target:,.0f}"}
+        step = Prune(criterion=self.criterion, target=self.target / now, metric=self.metric, tolerance=args.tol,
+                     round_to=self.round_to, min_coverage=args.min_coverage if self.criterion == "coverage" else 1,
+                     gradient_batches=args.taylor_batches)
+        return step.run(state, folder)
 
 
-def plan(name: str, args, stats: dict, targets: dict | None) -> list[tuple[str, Any]]:
-    """The steps of a variant: registered runner steps by name, or ``("prune", (importance, target, metric,
-    round_to))``."""
-    budget = FinetuneOptions(epochs=args.finetune_epochs, lr=args.finetune_lr, momentum=0.9, weight_decay=5e-4,
-                             schedule="cosine", seed=getattr(args, "seed", 0))
-    trim, tune = ("trim", TrimOptions("plateau")), ("finetune", budget)
-    dilute = ("dilute", DiluteOptions(tap="plateau", target=args.dilute_target, min_coverage=args.min_coverage))
-    coverage_imp = ClusterCoverageImportance(stats, min_coverage=args.min_coverage)
+def plan(name: str, args, targets: dict | None) -> list[Step | Budget]:
+    """The steps of a variant: recipe steps, and :class:`Budget` for pruning to mechanism-multi's budgets. The
+    coverage criterion reads the clusters of every tap of the state's analysis (:func:`analysis_for`)."""
+    budget = Finetune(epochs=args.finetune_epochs, lr=args.finetune_lr, momentum=0.9, weight_decay=5e-4,
+                      schedule="cosine", seed=getattr(args, "seed", 0))
+    trim = Trim("plateau")
+    dilute = Dilute(tap="plateau", target=args.dilute_target, min_coverage=args.min_coverage)
     plans = {
-        "trim": [trim, tune],
-        "trim-conv": [trim, tune],
-        "trim-conv+dilute+afcc": [trim, dilute, ("afcc", AfccOptions(tap="plateau", train="all", finetune=budget))],
-        "dilute": [dilute, tune],
-        "afcc": [("afcc", AfccOptions(tap="plateau", train="head+stage", finetune=budget))],
-        "trim+dilute+afcc": [trim, dilute, ("afcc", AfccOptions(tap="plateau", train="all", finetune=budget))],
+        "trim": [trim, budget],
+        "trim-conv": [trim, budget],
+        "trim-conv+dilute+afcc": [trim, dilute, Afcc(tap="plateau", train="all", finetune=budget)],
+        "dilute": [dilute, budget],
+        "afcc": [Afcc(tap="plateau", train="head+stage", finetune=budget)],
+        "trim+dilute+afcc": [trim, dilute, Afcc(tap="plateau", train="all", finetune=budget)],
     }
     if name in plans:
         return plans[name]
     if name.startswith("mechanism-multi"):  # -r8: widths multiples of 8 (faster kernels, coarser FLOPs)
         target = args.flops_target * targets["base_flops"]
-        return [trim, ("prune", (coverage_imp, target, "flops", 8 if name.endswith("r8") else args.round_to)), tune]
+        return [trim, Budget("coverage", target, "flops", 8 if name.endswith("r8") else args.round_to), budget]
     criterion, metric = name.split("@")
-    imp = coverage_imp if criterion == "coverage" else make_importance(criterion)
-    return [("prune", (imp, targets[metric], metric, args.round_to)), tune]
+    return [Budget(criterion, targets[metric], metric, args.round_to), budget]
 
 
-def apply_steps(state: RunState, steps, args, log: Log) -> list[dict[str, Any]]:
+def analysis_for(name: str, analyses: dict[str, AnalysisResult]) -> AnalysisResult:
+    """The analysis a variant starts from: the per-conv plateau for the FINE variants; for those pruned by
+    cluster coverage the papers' taps and one ReLU tap per other conv (every conv has statistics); else the
+    papers' taps."""
+    if name.startswith(FINE):
+        return analyses["fine"]
+    if name.startswith("mechanism-multi") or name.startswith("coverage@"):
+        return analyses["convs"]
+    return analyses["main"]
+
+
+def apply_steps(state: RunState, steps: list[Step | Budget], args, log: Log) -> list[dict[str, Any]]:
     records = []
-    for i, (step, opts) in enumerate(steps, start=1):
+    for i, step in enumerate(steps, start=1):
         t0 = time.perf_counter()
-        if step == "prune":
-            info = prune(state, *opts, args)
+        folder = state.out / "steps" / f"{i:02d}-{step.name}"
+        if isinstance(step, Budget):
+            info = step.run(state, folder, args)
         else:
-            info = _STEPS[step](state, opts, state.out / "steps" / f"{i:02d}-{step}") or {}
+            info = step.run(state, folder) or {}
+        step = step.name
         for p in state.model.parameters():
             p.requires_grad_(True)
         after = measure(state.model, state.bundle)
@@ -222,7 +249,7 @@ def apply_steps(state: RunState, steps, args, log: Log) -> list[dict[str, Any]]:
     return records
 
 
-def mechanism_targets(args, base: Path, bundle, analysis, stats, log: Log) -> dict[str, Any]:
+def mechanism_targets(args, base: Path, bundle, analyses: dict[str, AnalysisResult], log: Log) -> dict[str, Any]:
     """FLOPs and parameters of mechanism-multi (trimmed, coverage-pruned): the baselines' budgets."""
     path = args.out / "targets.json"
     if path.is_file():
@@ -231,13 +258,13 @@ def mechanism_targets(args, base: Path, bundle, analysis, stats, log: Log) -> di
             raise SystemExit(f"error: {path} was made with --flops-target {targets['flops_target']} --round-to "
                              f"{targets['round_to']}; use those or remove it (and the variants built on it)")
         return targets
-    state = fresh_state(args, base, bundle, analysis, args.out / "targets")
+    state = fresh_state(args, base, bundle, analysis_for("mechanism-multi", analyses), args.out / "targets")
     base_m = measure(state.model, bundle)
     log(f"base: {fmt(base_m)}")
     targets = {"base_flops": base_m["flops"], "base_params": base_m["params"], "base_accuracy": base_m["accuracy"],
                "flops_target": args.flops_target, "round_to": args.round_to}
     log("mechanism-multi structure (for the targets):")
-    apply_steps(state, plan("mechanism-multi", args, stats, targets)[:2], args, log)
+    apply_steps(state, plan("mechanism-multi", args, targets)[:2], args, log)
     targets.update(flops=measure(state.model, bundle)["flops"], params=sum(p.numel() for p in state.model.parameters()))
     path.write_text(json.dumps(targets, indent=2))
     return targets
@@ -248,7 +275,8 @@ def variant_folder(args, name: str, seed: int = 0) -> Path:
     return folder / f"seed{seed}" if seed else folder
 
 
-def build_variant(name: str, args, base: Path, bundle, analysis, stats, targets, log: Log, seed: int = 0) -> None:
+def build_variant(name: str, args, base: Path, bundle, analyses: dict[str, AnalysisResult], stats, targets, log: Log,
+                  seed: int = 0) -> None:
     """Build ``name`` (its steps, then ``info.json`` + ``model.pt``); ``seed`` != 0: the same steps with
     another fine-tuning seed, in a ``seed<N>`` sub-folder (the seed spread of the candidates)."""
     folder = variant_folder(args, name, seed)
@@ -262,8 +290,8 @@ def build_variant(name: str, args, base: Path, bundle, analysis, stats, targets,
     try:
         log(f"{name}:" + (f" (fine-tuning seed {seed})" if seed else ""))
         torch.manual_seed(seed)
-        state = fresh_state(args, base, bundle, analysis[name.startswith(FINE)], folder)
-        records = apply_steps(state, plan(name, args, stats, targets), args, log)
+        state = fresh_state(args, base, bundle, analysis_for(name, analyses), folder)
+        records = apply_steps(state, plan(name, args, targets), args, log)
         save_info(name, args, state, records, stats, bundle, folder)
     finally:
         (folder / "building.lock").unlink(missing_ok=True)
@@ -390,19 +418,22 @@ def main() -> None:
     model, meta = load_model(base)
     analysis, extra, stats = run_analysis(args, base, model, meta, bundle, log)
     fine = fine_analysis(args, model, meta, analysis, bundle, log)
+    order = [n for n, _ in model.named_modules()]
+    convs = dataclasses.replace(analysis, taps=sorted([*analysis.taps, *extra.taps], key=lambda t: order.index(t.name)))
+    analyses = {"main": analysis, "fine": fine, "convs": convs}
     targets = None
     if set(args.variants) - set(MECHANISM[:6]):  # mechanism-multi and the baselines need its budgets
-        targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
+        targets = mechanism_targets(args, base, tune_bundle, analyses, log)
         log(f"targets: FLOPs {targets['flops']:,} ({targets['flops'] / targets['base_flops']:.3f} of the base), "
             f"params {targets['params']:,} ({targets['params'] / targets['base_params']:.3f})")
     for name in [] if args.report_only else args.variants:
         t1 = time.perf_counter()
-        build_variant(name, args, base, tune_bundle, (analysis, fine), stats, targets, log)
+        build_variant(name, args, base, tune_bundle, analyses, stats, targets, log)
         log(f"  ({time.perf_counter() - t1:.0f} s)")
     for name in [v for v in args.seed_variants if v in args.variants and not args.report_only]:
         for seed in args.seeds:
             t1 = time.perf_counter()
-            build_variant(name, args, base, tune_bundle, (analysis, fine), stats, targets, log, seed=seed)
+            build_variant(name, args, base, tune_bundle, analyses, stats, targets, log, seed=seed)
             log(f"  ({time.perf_counter() - t1:.0f} s)")
     done = [v for v in VARIANTS if (variant_folder(args, v) / "model.pt").is_file()]
     if args.no_bench or len(done) < len(args.variants):
@@ -426,7 +457,7 @@ def main() -> None:
         info["seed_accuracy"] = {s: json.loads((variant_folder(args, v, s) / "info.json").read_text())["steps"][-1]
                                  ["after"]["accuracy"] for s in [0, *args.seeds]
                                  if (variant_folder(args, v, s) / "info.json").is_file()}
-    targets = mechanism_targets(args, base, tune_bundle, analysis, stats, log)
+    targets = mechanism_targets(args, base, tune_bundle, analyses, log)
     base_labels = per_label_accuracy(model, bundle)
     prune_step = next(r for r in infos["mechanism-multi"]["steps"] if r["step"] == "prune")
     sensitivity = layer_sensitivity(base, bundle, stats, prune_step["info"].get("widths", {}),

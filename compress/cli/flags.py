@@ -93,7 +93,7 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str =
                                 help=text + shown)
             continue
         conv, extra = _flag_type(tp)
-        metavar = None if "choices" in extra else f.name.upper().replace("_", "-").split("-")[-1]
+        metavar = None if "choices" in extra else {int: "N", float: "X"}.get(conv, f.name.upper())
         parser.add_argument(*names, dest=dest, type=conv, default=default, help=text + shown, metavar=metavar,
                             **extra)
 

@@ -21,10 +21,21 @@ def _default(f: dataclasses.Field) -> str:
         value = f.default_factory()  # type: ignore[misc]
     else:
         return "required"
+    if dataclasses.is_dataclass(value):  # a nested step's options: show what differs from its own defaults
+        own = to_dict(type(value)())
+        changed = {k: v for k, v in to_dict(value).items() if own[k] != v}
+        return (str(changed).replace("'", "") + ", the rest as in " + (type(value).name or "its class")) if changed \
+            else "as in " + (type(value).name or "its class")
     value = to_dict(value)
-    if isinstance(value, dict) and len(str(value)) > 40:
-        return "(see its own options)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return "null" if value is None else str(value).replace("'", "")
+
+
+def _type(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"mapping: the {getattr(tp, 'name', '') or tp.__name__} options"
+    return type_name(tp).replace("|", "/")
 
 
 def _summary(cls: type) -> str:
@@ -32,10 +43,16 @@ def _summary(cls: type) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
-def steps_markdown() -> str:
-    """One Markdown section per registered step: what it does and a table of its options."""
+def steps_markdown(*, builtin_only: bool = False) -> str:
+    """One Markdown section per registered step: what it does and a table of its options.
+
+    Args:
+        builtin_only: leave out steps registered outside this package (plug-ins).
+    """
     lines = []
     for name, cls in list_steps().items():
+        if builtin_only and not cls.__module__.startswith("compress."):
+            continue
         hints = typing.get_type_hints(cls)
         helps = field_help(cls)
         kind = "changes the model" if cls.changes_model else "measures or writes files; the model is unchanged"
@@ -43,6 +60,6 @@ def steps_markdown() -> str:
                   "| option | type | default | meaning |", "| --- | --- | --- | --- |"]
         for f in init_fields(cls):
             text = helps.get(f.name, "").replace("|", "\\|")
-            lines.append(f"| `{f.name}` | {type_name(hints[f.name]).replace('|', '/')} | `{_default(f)}` | {text} |")
+            lines.append(f"| `{f.name}` | {_type(hints[f.name])} | `{_default(f)}` | {text} |")
         lines.append("")
     return "\n".join(lines)

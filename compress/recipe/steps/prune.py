@@ -22,8 +22,6 @@ from compress.training import evaluate
 
 __all__ = ["Prune"]
 
-TOLERANCE = 0.02  # accepted relative distance to a FLOPs or parameter target
-
 
 @register_step("prune")
 @dataclass(frozen=True)
@@ -36,7 +34,8 @@ class Prune(Step):
         target: the fraction of the original to keep, in (0, 1) (of the FLOPs, parameters or
             channels: see metric).
         metric: flops or params (prune until the model has target times its FLOPs or parameters,
-            within 2 %), or channels (remove 1 - target of every layer's channels).
+            within tolerance), or channels (remove 1 - target of every layer's channels).
+        tolerance: accepted relative distance to a flops or params target (0.02: within 2 %).
         ignored: module paths (globs allowed) left unpruned; the classifier always is.
         round_to: keep every pruned width a multiple of this (e.g. 8, for faster kernels).
         allocation: uniform (the same ratio in every layer) or global (channels ranked over the
@@ -49,6 +48,7 @@ class Prune(Step):
     criterion: str = "l1"
     target: float = 0.5
     metric: Literal["flops", "params", "channels"] = "flops"
+    tolerance: float = 0.02
     ignored: list[str] = field(default_factory=list)
     round_to: int | None = None
     allocation: Literal["uniform", "global"] = "uniform"
@@ -61,6 +61,8 @@ class Prune(Step):
             raise OptionError("criterion", str(unknown_name("pruning criterion", self.criterion, list_criteria())))
         if not 0 < self.target < 1:
             raise OptionError("target", f"{self.target} must be the fraction of the original to keep, in (0, 1)")
+        if not 0 < self.tolerance < 1:
+            raise OptionError("tolerance", f"{self.tolerance} must be a relative distance in (0, 1), e.g. 0.02")
         if self.round_to is not None and self.round_to < 1:
             raise OptionError("round_to", f"{self.round_to} must be a positive number of channels (e.g. 8)")
         if self.allocation == "global" and get_criterion(self.criterion).per_layer:
@@ -82,10 +84,10 @@ class Prune(Step):
 
     def run(self, state: RunState, folder: Path) -> dict[str, Any]:
         model, size = state.model, tuple(state.bundle.input_size)
+        ignored = self.ignored_paths(model)
         importance = self.importance(state)
         if needs_gradients(importance):
             accumulate_gradients(model, state.bundle, batches=self.gradient_batches, seed=self.seed)
-        ignored = self.ignored_paths(model)
         before = {"flops": count_metric(model, "flops", size), "params": count_metric(model, "params", size),
                   "widths": layer_widths(model)}
         common = dict(ignored=ignored, input_size=size, seed=self.seed, global_pruning=self.allocation == "global",
@@ -97,12 +99,12 @@ class Prune(Step):
             achieved = info["value"] / max(1, sum(before["widths"][n] for n in pruned))
         else:
             info = prune_to_target(model, importance, self.target * before[self.metric], metric=self.metric,
-                                   tol=TOLERANCE, **common)
+                                   tol=self.tolerance, **common)
             info["trials"] = len(info["trials"])
             achieved = info["value"] / before[self.metric]
-            if abs(info["relative_error"]) > TOLERANCE:
+            if abs(info["relative_error"]) > self.tolerance:
                 warnings.warn(f"prune: {self.metric} reached {achieved:.3f} of the original, not {self.target:g} "
-                              f"within {TOLERANCE:.0%} (coarse widths: round_to {self.round_to}, or too few "
+                              f"within {self.tolerance:.0%} (coarse widths: round_to {self.round_to}, or too few "
                               f"channels)", stacklevel=2)
         state.stale |= {t.name for t in state.analysis.taps}
         info.update(criterion=self.criterion, metric=self.metric, target=self.target, achieved=achieved,
