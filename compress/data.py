@@ -11,16 +11,16 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.errors import UserError, unknown_name
+from compress.errors import OptionError, UserError, unknown_name
 
 __all__ = ["DataConfig", "ImageSet", "DataBundle", "load_data", "register_dataset", "list_datasets", "iterate_batches",
-           "choose_labels"]
+           "choose_labels", "split_validation"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -55,6 +55,26 @@ class DataBundle:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     meta: dict = field(default_factory=dict)
     resize_to: int | None = None  # upscale batches on the fly (e.g. CIFAR 32 -> 224) instead of storing them large
+    val: ImageSet | None = None  # held out from the training images: every choice is made on it
+    eval_split: Literal["test", "val"] = "test"  # what ``test`` holds (see :meth:`for_choices`)
+
+    def for_choices(self, split: Literal["val", "test"] = "val") -> "DataBundle":
+        """This data with the split that choices are made on in the place of ``test``.
+
+        Everything that evaluates (training's per-epoch accuracy, probes, field matrices, the
+        plateau, masks, a search) reads ``bundle.test``; on the returned bundle that is the
+        validation split (``eval_split == "val"``), so the test split stays for reporting.
+        ``split="test"`` keeps the test split (the papers' setting).
+
+        Raises:
+            UserError: ``val`` was asked for but the data has no validation split.
+        """
+        if split == "test" or self.eval_split == "val":
+            return self
+        if self.val is None:
+            raise UserError("the data has no validation split to choose on; set data.val_fraction (--val-fraction) "
+                            "above 0, or analysis.split: test (the papers' setting, choices made on the test split)")
+        return replace(self, test=self.val, eval_split="val")
 
     @property
     def num_classes(self) -> int:
@@ -263,6 +283,9 @@ class DataConfig:
         limit_test: a random subset of this many test images.
         mean: per-channel mean of the normalisation (default 0.5 each: the papers' [-1, 1] scaling).
         std: per-channel standard deviation of the normalisation (default 0.5 each).
+        val_fraction: fraction of the training images held out, stratified and seeded, as the
+            validation split every choice is made on (0: none; choices then fall back to the test split).
+        split_seed: seed of the validation split (and of the training and test subsets).
     """
 
     name: str = "digits"
@@ -275,18 +298,26 @@ class DataConfig:
     limit_test: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise OptionError("val_fraction", f"{self.val_fraction} must be in [0, 1) (default 0.1; 0: no validation split)")
 
     def load(self) -> DataBundle:
         """Load the data (:func:`load_data` with these settings)."""
         return load_data(self.name, root=self.root, download=self.download, num_labels=self.num_labels,
                          label_seed=self.label_seed, image_size=self.image_size, limit_train=self.limit_train,
-                         limit_test=self.limit_test, mean=self.mean, std=self.std)
+                         limit_test=self.limit_test, mean=self.mean, std=self.std, val_fraction=self.val_fraction,
+                         seed=self.split_seed)
 
 
 def load_data(name: str, *, root: str | os.PathLike | None = None, download: bool = False,
               num_labels: int | None = None, label_seed: int = 0, image_size: int | None = None,
               limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
-              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> DataBundle:
+              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+              val_fraction: float = 0.0) -> DataBundle:
     """Load a dataset by name.
 
     Args:
@@ -302,6 +333,9 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         seed: seed of the subsets and of the digits split.
         mean: per-channel mean of the normalisation (default 0.5: the papers' [-1, 1] scaling).
         std: per-channel standard deviation (default 0.5).
+        val_fraction: hold out this fraction of the (limited) training images, per label, as
+            ``bundle.val`` (:func:`split_validation`); 0 (this function's default) holds out none.
+            :class:`DataConfig`, which recipes and the command line use, defaults to 0.1.
     """
     for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
         if value is not None and value < 1:
@@ -335,7 +369,36 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
             raise UserError(f"{label} needs {bundle.input_size[0]} values (one per channel), got {list(values)}")
     if std is not None and min(std) <= 0:
         raise UserError(f"std values must be positive, got {list(std)}")
-    return replace(bundle, mean=tuple(mean or bundle.mean), std=tuple(std or bundle.std))
+    bundle = replace(bundle, mean=tuple(mean or bundle.mean), std=tuple(std or bundle.std))
+    if val_fraction:
+        kept, held = split_validation(bundle.train.labels, val_fraction, seed)
+        bundle = replace(bundle, train=bundle.train.subset(kept), val=bundle.train.subset(held))
+    return bundle
+
+
+def split_validation(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stratified, seeded hold-out: per label, ``round(fraction * count)`` images at random (at
+    least one for every label with two or more images).
+
+    Returns:
+        ``(kept, held)``: sorted indices into ``labels`` of the training and the validation part.
+
+    Raises:
+        UserError: ``fraction`` is outside (0, 1), or a label would keep no training image.
+    """
+    if not 0 < fraction < 1:
+        raise UserError(f"val_fraction {fraction} must be in (0, 1)")
+    n = len(labels)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    order = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by label, random within a label
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if n else 0)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - start[labels[order]]  # position within its label's group
+    quota = torch.where(counts >= 2, (counts.double() * fraction).round().long().clamp(1, None), torch.zeros_like(counts))
+    if bool(((counts - quota) < 1)[counts > 0].any()):
+        raise UserError(f"val_fraction {fraction} leaves a label with no training image; use a smaller fraction")
+    held_mask = rank < quota[labels[order]]
+    return order[~held_mask].sort().values, order[held_mask].sort().values
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:

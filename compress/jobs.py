@@ -60,14 +60,20 @@ def config_from_checkpoint(cfg: ModelConfig) -> ModelConfig:
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, out: str | Path, *,
           resume: bool = True, progress: bool = True) -> tuple[torch.nn.Module, list[dict[str, float]], DataBundle]:
     """Phase 1: train a model and leave ``checkpoint.pt``, ``model.pt``, ``history.json`` and
-    ``config.yaml`` in ``out``."""
+    ``config.yaml`` in ``out``. The accuracy logged every epoch is the validation split's when the
+    data has one (``val_acc``); the test split is left for the report.
+
+    Returns:
+        ``(model, history, bundle)``, the bundle with all its splits.
+    """
     out = ensure_writable_dir(out)
     bundle = data_cfg.load()
     torch.manual_seed(cfg.seed)  # the initial weights follow the seed too
     model = build_model(model_cfg, bundle)
     _write_config(out, model=model_cfg, data=data_cfg, train=cfg)
     meta = model_meta(model_cfg, bundle)
-    history = fit(model, bundle, cfg, out, meta=meta, resume=resume, progress=progress)
+    choices = bundle.for_choices("val" if bundle.val is not None else "test")
+    history = fit(model, choices, cfg, out, meta=meta, resume=resume, progress=progress)
     save_model(model, out / "model.pt", meta)
     return model, history, bundle
 
@@ -77,6 +83,9 @@ def analyze(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: AnalysisConfig, o
             report: bool = True) -> AnalysisResult:
     """Phases 2 and 3: probe every tap of ``cfg.taps``, analyse every filter, write the artifact
     (``analysis.json``, ``arrays/``) and, with ``report``, ``report.md`` and ``report.html``.
+
+    Accuracies and field matrices come from ``cfg.split``: the validation split (default), or
+    the test split (the papers' setting); ``result.config["split"]`` says which.
 
     Args:
         model_cfg: the model (with its checkpoint) to analyse; ignored when ``model`` is given.
@@ -97,16 +106,31 @@ def analyze(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: AnalysisConfig, o
         model = build_model(model_cfg, bundle)
     tap_names = resolve_taps(model, cfg.taps, bundle.input_size)
     _write_config(out, model=model_cfg, data=data_cfg, analysis=cfg, taps=tap_names)
-    model_acc = evaluate(model, bundle)
-    result = analyze_model(model, bundle, tap_names, cfg, model_name=model_cfg.name, progress=progress)
+    choices = bundle.for_choices(cfg.split)
+    model_acc = evaluate(model, choices)
+    result = analyze_model(model, choices, tap_names, cfg, model_name=model_cfg.name, progress=progress)
     result.model_accuracy = model_acc
-    result.config = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "analysis": to_dict(cfg)}
+    result.config = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "analysis": to_dict(cfg),
+                     "split": choices.eval_split, "split_note": _split_note(choices, model_cfg)}
     result.save(out)
     if report:
         from compress.reports.analysis import write_report
 
         write_report(result, out)
     return result
+
+
+def _split_note(choices: DataBundle, model_cfg: ModelConfig) -> str:
+    """Where the analysis' accuracies and field matrices come from, in one sentence for the report."""
+    if choices.eval_split == "test":
+        return ("Probe and model accuracies, the plateau and the field matrices are computed on the test split "
+                "(the papers' setting).")
+    text = (f"Probe and model accuracies, the plateau and the field matrices are computed on the validation split "
+            f"({len(choices.test)} images held out from the training images); the test split is kept for reporting.")
+    if model_cfg.checkpoint is not None or model_cfg.pretrained:
+        text += (" The model was trained elsewhere: the validation images may have been seen in its training, "
+                 "which makes them look easier than new images.")
+    return text
 
 
 def fit_error_line(ks: Sequence[int], errors: Sequence[float]) -> dict[str, float]:

@@ -167,7 +167,8 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
 
     Args:
         model: the network (moved to ``device``).
-        bundle: the data; the test split gives the accuracy logged each epoch.
+        bundle: the data; its ``test`` split gives the accuracy logged each epoch, under the key
+            ``<bundle.eval_split>_acc`` (``val_acc`` for :meth:`~compress.data.DataBundle.for_choices`).
         cfg: hyper-parameters.
         out_dir: folder for ``checkpoint.pt`` and ``history.json``.
         meta: JSON-able description stored in the checkpoint (model name and options, labels).
@@ -177,7 +178,7 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         after_step: optional ``callable(model)`` run after every optimiser step (e.g. re-applying masks).
 
     Returns:
-        One dict per epoch: ``epoch``, ``lr``, ``loss``, ``train_acc``, ``test_acc``, ``seconds``.
+        One dict per epoch: ``epoch``, ``lr``, ``loss``, ``train_acc``, ``val_acc`` or ``test_acc``, ``seconds``.
     """
     out_dir = Path(out_dir)
     device = device or default_device()
@@ -198,13 +199,14 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         t0 = time.perf_counter()
         step = _Step(net, model, opt, scaler, base_lrs, cfg, use_amp, after_step)
         seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
-        test_acc = evaluate(model, bundle, device=device)
+        acc = evaluate(model, bundle, device=device)
+        split = bundle.eval_split
         history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
-                        "train_acc": correct / seen, "test_acc": test_acc, "seconds": time.perf_counter() - t0})
+                        "train_acc": correct / seen, f"{split}_acc": acc, "seconds": time.perf_counter() - t0})
         if progress:
             h = history[-1]
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  train {h['train_acc']:.4f}  "
-                       f"test {test_acc:.4f}  ({h['seconds']:.1f} s)")
+                       f"{split} {acc:.4f}  ({h['seconds']:.1f} s)")
         if distributed.is_main():
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                                "history": json.dumps(history), "config": json.dumps(cfg.train_options()),

@@ -29,6 +29,8 @@ class AnalysisConfig:
 
     Attributes:
         taps: module paths or globs to analyse (default: the model's stage ends and final feature layer).
+        split: where probe accuracies, the plateau and the field matrices are measured: val (the
+            validation split, so choices made from them are not made on the test split) or test (the papers' setting).
         threshold: clipping threshold of the normalised field matrices, in (0, 1).
         probe_epochs: training epochs of each linear probe.
         probe_batch_size: images per probe step.
@@ -46,6 +48,7 @@ class AnalysisConfig:
     """
 
     taps: list[str] | None = None
+    split: Literal["val", "test"] = "val"
     threshold: float = 0.3
     probe_epochs: int = 200
     probe_batch_size: int = 100

@@ -164,6 +164,7 @@ class AnalysisResult:
             "model_accuracy": self.model_accuracy,
             "plateau": self.plateau,
             "plateau_tolerance": self.plateau_tolerance,
+            "config": self.config,  # the settings, and which split the accuracies and fields come from
             "taps": [t.summary() for t in self.taps],
         }
 
@@ -217,5 +218,5 @@ def load_analysis(folder: str | os.PathLike) -> AnalysisResult:
     return AnalysisResult(
         model=summary["model"], dataset=summary["dataset"], label_names=summary["label_names"],
         taps=taps, plateau=summary["plateau"], plateau_tolerance=summary["plateau_tolerance"],
-        model_accuracy=summary.get("model_accuracy"),
+        model_accuracy=summary.get("model_accuracy"), config=summary.get("config", {}),
     )

@@ -16,10 +16,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from compress.jobs import train
 
     model = dataclasses.replace(flags.model_config(args), name=args.model_name or "vgg16")
-    _, history, _ = train(model, flags.data_config(args), flags.train_config(args), args.out,
-                          resume=not args.no_resume, progress=not args.quiet)
+    from compress.training import evaluate
+
+    trained, history, bundle = train(model, flags.data_config(args), flags.train_config(args), args.out,
+                                     resume=not args.no_resume, progress=not args.quiet)
     if history:
-        print(f"trained {model.name}: test accuracy {history[-1]['test_acc']:.4f} after {history[-1]['epoch']} epochs; "
+        last = history[-1]
+        val = f"validation accuracy {last['val_acc']:.4f}, " if "val_acc" in last else ""
+        print(f"trained {model.name} for {last['epoch']} epochs: {val}test accuracy {evaluate(trained, bundle):.4f}; "
               f"checkpoint {Path(args.out) / 'checkpoint.pt'}")
 
 
@@ -29,6 +33,8 @@ def _print_result(result, out) -> None:
         mark = "  <- plateau" if t.name == result.plateau else ""
         print(f"{t.name:<24}{t.n_filters:>6}{t.filter_size:>7}{t.accuracy:>8.4f}{t.stats.noise:>8.2f}"
               f"{t.stats.clusters_per_filter:>7.2f}{t.stats.cluster_size:>7.2f}{mark}")
+    if result.config.get("split_note"):
+        print(result.config["split_note"])
     print(f"report: {Path(out) / 'report.html'}")
 
 

@@ -11,15 +11,20 @@ __all__ = ["add_commands"]
 
 
 def _print_run(summary: dict, out) -> None:
-    base = summary["steps"][0]["after"]
-    print(f"{'step':<14}{'params':>12}{'non-zero':>12}{'FLOPs':>14}{'accuracy':>10}")
-    for r in summary["steps"]:
+    steps = summary["steps"]
+    base, last = steps[0]["after"], steps[-1]["after"]
+    split = {"val": "val acc", "test": "test acc"}[base.get("split", "test")]
+    print(f"{'step':<14}{'params':>12}{'non-zero':>12}{'FLOPs':>14}{split:>10}")
+    for r in steps:
         a = r["after"]
         print(f"{r['step']:<14}{a['params']:>12,}{a['nonzero_params']:>12,}{a['flops']:>14,}{a['accuracy']:>10.4f}")
-    last = summary["steps"][-1]["after"]
     print(f"FLOPs x{base['flops'] / max(last['flops'], 1):.2f} fewer, non-zero parameters "
-          f"x{base['nonzero_params'] / max(last['nonzero_params'], 1):.2f} fewer, accuracy "
+          f"x{base['nonzero_params'] / max(last['nonzero_params'], 1):.2f} fewer, {split[:-4]} accuracy "
           f"{100 * (last['accuracy'] - base['accuracy']):+.2f} points")
+    t0, t1 = steps[0].get("test_accuracy"), steps[-1].get("test_accuracy")
+    if t0 is not None and t1 is not None:
+        print(f"test accuracy (reported once per model): original {t0:.4f}, final {t1:.4f} "
+              f"({100 * (t1 - t0):+.2f} points)")
     print(f"report: {Path(out) / 'report.html'}   analysis: {Path(out) / 'analysis' / 'report.html'}")
 
 

@@ -8,7 +8,9 @@ The runner knows no step by name: it calls each step's ``run`` and, for a step t
     analysis/              analysis.json, arrays/*.npz, report.md/html
     steps/NN-<step>/       model.pt after the step (and the fine-tuning checkpoint)
     model.pt, model.onnx   the final model
-    summary.json           before/after figures of every step, rewritten after each step
+    summary.json           before/after figures of every step, rewritten after each step: accuracy on
+                           the split choices are made on (validation), and the test accuracy of the
+                           original and the final model (reported once each)
     report.md, report.html the chain report
 """
 
@@ -30,6 +32,7 @@ from compress.jobs import analyze, build_model, model_meta, train
 from compress.recipe.schema import Recipe
 from compress.recipe.state import RunState, measure
 from compress.system import environment
+from compress.training import evaluate
 
 __all__ = ["run_recipe", "dry_run"]
 
@@ -53,7 +56,8 @@ def _start(recipe: Recipe, out: Path, progress: bool) -> RunState:
     model, bundle = _obtain_model(recipe, out, progress)
     result = analyze(recipe.model.config(), recipe.data, recipe.analysis, out / "analysis", model=model, bundle=bundle,
                      progress=progress)
-    state = RunState(recipe, model, bundle, model_meta(recipe.model.config(), bundle), result, out, progress)
+    state = RunState(recipe, model, bundle.for_choices(recipe.analysis.split), model_meta(recipe.model.config(), bundle),
+                     result, out, progress, report_data=bundle)
     original = str(state.save_current(out / "steps" / "00-original" / "model.pt"))
     state.artifacts["original"] = state.models["original"] = original
     return state
@@ -90,11 +94,20 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dic
         current = after
         _write_summary(state, records)
     state.artifacts["final"] = state.models["final"] = str(state.save_current(out / "model.pt"))
+    for record in (records[0], records[-1]):  # the test split reports the two models the run is about, once each
+        model = state.model if record is records[-1] else _load(state.models["original"], state.model)
+        record["test_accuracy"] = evaluate(model, state.report_data)
     _write_summary(state, records)
     from compress.reports.run import write_run_report
 
     write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
     return json.loads((out / "summary.json").read_text())
+
+
+def _load(path: str, like: nn.Module) -> nn.Module:
+    from compress.compression.serialize import load_model
+
+    return load_model(path, device=next(like.parameters()).device)[0]
 
 
 def dry_run(recipe: Recipe) -> dict[str, Any]:

@@ -21,9 +21,12 @@ __all__ = ["RunState", "measure"]
 
 
 def measure(model: nn.Module, bundle: DataBundle) -> dict[str, float]:
-    """Parameters (dense and non-zero), FLOPs (fvcore) and test accuracy of ``model``."""
+    """Parameters (dense and non-zero), FLOPs (fvcore) and the accuracy on ``bundle.test`` (the
+    validation split for a bundle from :meth:`~compress.data.DataBundle.for_choices`) of ``model``;
+    ``split`` says which split the accuracy is from."""
     return {"params": count_params(model), "nonzero_params": count_nonzero(model),
-            "flops": count_flops(model, bundle.input_size), "accuracy": evaluate(model, bundle)}
+            "flops": count_flops(model, bundle.input_size), "accuracy": evaluate(model, bundle),
+            "split": bundle.eval_split}
 
 
 @dataclass
@@ -33,7 +36,11 @@ class RunState:
     Attributes:
         recipe: the recipe being run.
         model: the current model (steps change it in place or replace it).
-        bundle: the data.
+        bundle: the data every choice is made on: its ``test`` is the validation split (see
+            :meth:`~compress.data.DataBundle.for_choices`), or the test split when the recipe says
+            ``analysis.split: test``. Steps evaluate, analyse and fine-tune on this.
+        report_data: the data with its real test split, used only to report the original and the
+            final model (and by ``bench``).
         meta: the metadata every saved model carries (labels, input size, normalisation).
         analysis: the analysis of the original model, per tap; kept current by :meth:`tap_analysis`.
         out: the run folder.
@@ -52,6 +59,7 @@ class RunState:
     analysis: AnalysisResult
     out: Path
     progress: bool = True
+    report_data: DataBundle | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     stale: set[str] = field(default_factory=set)
     artifacts: dict[str, str] = field(default_factory=dict)

@@ -78,9 +78,12 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
     plateau = next((t for t in taps if t.name == result.plateau), None)
     blocks: list = [_Heading(1, _title(result))]
     intro = f"Dataset {result.dataset} with {len(names)} labels; {len(taps)} taps analysed."
+    split = {"val": "validation", "test": "test"}.get(result.config.get("split", "test"), "test")
     if result.model_accuracy is not None:
-        intro += f" Model test accuracy: {result.model_accuracy:.3f}."
+        intro += f" Model {split} accuracy: {result.model_accuracy:.3f}."
     blocks.append(_Para(intro))
+    if result.config.get("split_note"):
+        blocks.append(_Para(result.config["split_note"]))
     more = f", ... ({len(names)} in all)" if len(names) > MAX_LISTED_LABELS else ""
     blocks.append(_Para(f"Labels: {', '.join(names[:MAX_LISTED_LABELS])}{more}."))
     tol = result.plateau_tolerance

@@ -42,18 +42,27 @@ def write_run_report(out: str | Path, records: list[dict[str, Any]], artifacts: 
         rows.append([f"{i}. {r['step']}", f"{a['params']:,}", f"{a['nonzero_params']:,}", f"{a['flops']:,}",
                      f"{a['accuracy']:.4f}", f"{100 * (a['accuracy'] - base['accuracy']):+.2f}",
                      _ratio(a["nonzero_params"], base["nonzero_params"]), _ratio(a["flops"], base["flops"])])
+    split = "validation" if base.get("split") == "val" else "test"
+    t0, t1 = records[0].get("test_accuracy"), records[-1].get("test_accuracy")
     blocks: list = [
         Heading(1, f"Compression run: {name}"),
         Para(f"Model {analysis.model} on {analysis.dataset} ({len(analysis.label_names)} labels). The analysis report "
              f"(probe accuracy per tap, filter clusters, noise) is analysis/report.html; the plateau tap is "
              f"{analysis.plateau}."),
         Heading(2, "Steps: before and after"),
-        Table(["step", "params", "non-zero params", "FLOPs", "accuracy", "change (points)", "non-zero ratio",
-               "FLOPs ratio"], rows),
+        Table(["step", "params", "non-zero params", "FLOPs", f"{split} accuracy", "change (points)",
+               "non-zero ratio", "FLOPs ratio"], rows),
         Para("Parameters count every stored weight; non-zero parameters leave out weights that masks hold at zero. "
-             "FLOPs are fvcore's count for one image (multiply-adds). Accuracy is top-1 on the test split. "
-             "Ratios are to the original model."),
+             "FLOPs are fvcore's count for one image (multiply-adds). "
+             + (f"Accuracy is top-1 on the validation split, held out from the training images: every choice of "
+                f"the run (plateau, clusters, masks, filters) was made on it. " if split == "validation" else
+                "Accuracy is top-1 on the test split, which the run's choices were also made on (analysis.split: "
+                "test, the papers' setting): it overstates what new images will give. ")
+             + "Ratios are to the original model."),
     ]
+    if t0 is not None and t1 is not None:
+        blocks.append(Para(f"Test accuracy, measured once for each of the two models the run is about: original "
+                           f"{t0:.4f}, final {t1:.4f} ({100 * (t1 - t0):+.2f} points)."))
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["after"]["flops"] for r in records]
     ys = [r["after"]["accuracy"] for r in records]
@@ -61,9 +70,10 @@ def write_run_report(out: str | Path, records: list[dict[str, Any]], artifacts: 
     for i, r in enumerate(records):
         ax.annotate(f"{i}. {r['step']}", (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("FLOPs per image")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"{split} accuracy")
     ax.grid(alpha=0.3)
-    blocks.append(save_figure(fig, "run_accuracy_flops", "Test accuracy against FLOPs after every step."))
+    blocks.append(save_figure(fig, "run_accuracy_flops",
+                              f"{split.capitalize()} accuracy against FLOPs after every step."))
     blocks.append(Heading(2, "What each step did"))
     for i, r in enumerate(records[1:], start=1):
         blocks.append(Heading(3, f"{i}. {r['step']} ({r.get('seconds', 0):.1f} s)"))

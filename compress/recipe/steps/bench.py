@@ -66,7 +66,7 @@ class Bench(Step):
             if "onnx" not in state.artifacts:
                 export(state)
         paths = [state.models.get(name, name) for name in self.models]
-        result = run_bench(paths, state.bundle, state.out / "bench", names=list(self.models),
+        result = run_bench(paths, state.report_data or state.bundle, state.out / "bench", names=list(self.models),
                            batch_sizes=self.batch_sizes, warmup=self.warmup, repeats=self.repeats,
                            backends=None if self.torch_eager else ["ort-cpu"], threads=self.threads)
         write_bench_report(result, state.out / "bench")

@@ -17,7 +17,8 @@ def finetune(state: RunState, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
     """Fine-tune ``state.model`` with ``cfg`` (resumable in ``folder``), re-applying the run's masks."""
     history = fit(state.model, state.bundle, cfg, folder, resume=True, progress=state.progress,
                   after_step=state.keeper())
-    return {"epochs": len(history), "final_test_acc": history[-1]["test_acc"] if history else None}
+    key = f"{state.bundle.eval_split}_acc"
+    return {"epochs": len(history), f"final_{key}": history[-1][key] if history else None}
 
 
 @register_step("finetune")
