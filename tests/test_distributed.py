@@ -96,7 +96,7 @@ def test_two_process_training_writes_one_checkpoint(tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 0 and not any(k.startswith("module.") for k in state["model"])  # the unwrapped model
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 1 and 0 <= history[0]["test_acc"] <= 1
+    assert len(history) == 1 and 0 <= history[0]["val_acc"] <= 1  # the validation split (data.val_fraction 0.1)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "history.json", "model.pt"]
 
 
