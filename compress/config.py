@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
 from typing import Any, Literal, Sequence, Union
 
-from compress.errors import OptionError, UserError, unknown_name
+from compress.errors import OptionError, UserError, clip, shorten, unknown_name
 
 __all__ = ["from_dict", "to_dict", "convert", "type_name", "field_help", "init_fields"]
 
@@ -64,27 +65,28 @@ def convert(value: Any, tp: Any, where: str) -> Any:
                 return convert(value, arg, where)
             except UserError:
                 pass
-        raise UserError(f"{where}: expected {type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: expected {type_name(tp)}, got {shorten(value)}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise UserError(f"{where}: expected {type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: expected {type_name(tp)}, got {shorten(value)}")
     if tp is type(None):
         if value is None:
             return None
-        raise UserError(f"{where}: expected null, got {value!r}")
+        raise UserError(f"{where}: expected null, got {shorten(value)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: expected {type_name(tp)}, got {value!r}")
+            raise UserError(f"{where}: expected {type_name(tp)}, got {shorten(value)}")
         (arg,) = typing.get_args(tp)[:1]
         items = [convert(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
+            raise UserError(f"{where}: expected a mapping, got {shorten(value)}")
         args = typing.get_args(tp)
         if len(args) == 2:
-            return {convert(k, args[0], f"{where} key"): convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+            return {convert(k, args[0], f"{where} key"): convert(v, args[1], f"{where}.{shorten(k, 60)}")
+                    for k, v in value.items()}
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value) and isinstance(value, tp):
@@ -92,14 +94,20 @@ def convert(value: Any, tp: Any, where: str) -> Any:
         return from_dict(tp, value, where)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise UserError(f"{where} {shorten(value)}: must be a finite number (not NaN or infinite)")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is bool or tp is str:
         if isinstance(value, tp):
             return value
-    raise UserError(f"{where}: expected {type_name(tp)}, got {value!r}")
+    raise UserError(f"{where}: expected {type_name(tp)}, got {shorten(value)}")
 
 
 def init_fields(cls: type) -> list[dataclasses.Field]:
@@ -118,7 +126,7 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {data!r}")
+        raise UserError(f"{where}: expected a mapping, got {shorten(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in init_fields(cls)]
     kwargs = {}
@@ -133,7 +141,7 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {clip(str(e), 300)}") from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -17,7 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compress.errors import OptionError, UserError, unknown_name
+from compress.checks import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, integer, number
+from compress.checks import seed as check_seed
+from compress.errors import OptionError, UserError, shorten, unknown_name
+from compress.images import check_fits_memory, check_same_size, decode_image
 
 __all__ = ["DataConfig", "ImageSet", "DataBundle", "load_data", "register_dataset", "list_datasets", "iterate_batches",
            "choose_labels", "split_validation"]
@@ -171,16 +174,7 @@ def _cifar100(root=None, download=False, **_) -> DataBundle:
 
 
 def _decode(path: Path, size: int | None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # grey, palette and RGBA all become 3-channel RGB
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"image file {str(path)!r} cannot be decoded ({e.__class__.__name__}); remove or replace it") from None
+    return decode_image(path, 3, None if size is None else (size, size))
 
 
 def _scan_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], torch.Tensor, list[str]]:
@@ -205,13 +199,14 @@ def _scan_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path]
 
 
 def _decode_all(files: list[Path], labels: torch.Tensor, size: int | None, where: str) -> ImageSet:
-    if size is None and files:
-        size = _decode(files[0], None).shape[0]
+    """Decode ``files`` (resized to ``size`` x ``size`` when given; otherwise they must all have one
+    square size, which is kept)."""
+    if files:
+        check_fits_memory(len(files), size or max(_decode(files[0], None).shape[:2]), where)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(lambda p: _decode(p, size), files))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise UserError(f"images in {where!r} differ in size {sorted(shapes)[:3]}; pass --image-size to resize")
+    if size is None:
+        check_same_size(arrays, files, where)
     if not arrays:
         return ImageSet(torch.empty(0, 3, size or 1, size or 1, dtype=torch.uint8), labels)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -234,7 +229,10 @@ def _imagefolder(path: str, *, image_size: int | None, keep: list[int] | None, l
                                        (test_files, test_labels, limits[1], seed + 1, test_dir)):
         idx, new_labels = _select(labels, keep, limit, s)
         splits.append(_decode_all([files[i] for i in idx.tolist()], new_labels, image_size, str(d)))
-        image_size = splits[0].images.shape[-1]
+    (tw, th), (vw, vh) = (tuple(sp.images.shape[-2:][::-1]) for sp in splits)
+    if len(splits[0]) and len(splits[1]) and (tw, th) != (vw, vh):
+        raise UserError(f"the images of {str(root / 'train')!r} are {tw}x{th} but those of {str(test_dir)!r} are "
+                        f"{vw}x{vh}; pass --image-size N to resize every image to NxN")
     names = classes if keep is None else [classes[i] for i in keep]
     return DataBundle(f"imagefolder:{path}", splits[0], splits[1], names)
 
@@ -302,8 +300,28 @@ class DataConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise OptionError("val_fraction", f"{self.val_fraction} must be in [0, 1) (default 0.1; 0: no validation split)")
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 4096:
+            raise OptionError("name", f"{shorten(self.name)}: not a data set name; valid: {', '.join(list_datasets())}")
+        if self.num_labels is not None:
+            integer("num_labels", self.num_labels, low=1, high=MAX_CLASSES, hint="K, the number of labels kept")
+        check_seed("label_seed", self.label_seed)
+        check_seed("split_seed", self.split_seed)
+        if self.image_size is not None:
+            integer("image_size", self.image_size, low=1, high=MAX_IMAGE_SIDE, hint="the square input size in pixels")
+        for key in ("limit_train", "limit_test"):
+            if getattr(self, key) is not None:
+                integer(key, getattr(self, key), low=1, hint="a number of images (leave it out to use all)")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None:
+                if not 1 <= len(values) <= MAX_CHANNELS:
+                    raise OptionError(key, f"{shorten(values)}: expected one value per input channel, e.g. "
+                                           f"[0.5, 0.5, 0.5]")
+                for v in values:
+                    number(key, v, low=0 if key == "std" else None, low_open=True,
+                           hint="one finite value per channel" + (", each above 0" if key == "std" else ""))
+        number("val_fraction", self.val_fraction, low=0, high=1, high_open=True,
+               hint="the fraction of the training images held out (default 0.1; 0: no validation split)")
 
     def load(self) -> DataBundle:
         """Load the data (:func:`load_data` with these settings)."""
@@ -340,6 +358,8 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
     for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
         if value is not None and value < 1:
             raise UserError(f"{flag}={value} would leave no images; give at least 1 (or leave it out to use all)")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIDE:
+        raise UserError(f"image_size {image_size} is outside 1..{MAX_IMAGE_SIDE}")
     prefix, _, arg = name.partition(":")
     if prefix in _PREFIXED and arg:
         keep = None

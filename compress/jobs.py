@@ -12,24 +12,88 @@ import numpy as np
 import torch
 import yaml
 
+from compress import yamlsafe
 from compress.analysis import AnalysisConfig, AnalysisResult, analyze_model
 from compress.compression.serialize import save_model
 from compress.config import to_dict
 from compress.data import DataBundle, DataConfig
-from compress.errors import UserError
-from compress.io import atomic_write_text, ensure_writable_dir
+from compress.errors import UserError, shorten
+from compress.io import atomic_write_text, run_folder_lock
 from compress.models import ModelConfig, resolve_taps
+from compress.models.introspect import check_finite
 from compress.system import environment
-from compress.training import TrainConfig, default_device, evaluate, fit, read_meta
+from compress.training import CHECKPOINT, TrainConfig, default_device, evaluate, fit, read_meta
 
 __all__ = ["build_model", "model_meta", "config_from_checkpoint", "train", "analyze", "run_label_scaling",
-           "fit_error_line"]
+           "fit_error_line", "settings", "check_resume", "check_owner"]
+
+CONFIG = "config.yaml"
 
 
-def _write_config(folder: Path, **sections: Any) -> None:
-    doc = {k: to_dict(v) for k, v in sections.items()}
-    doc["environment"] = environment()
-    atomic_write_text(folder / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+def settings(**sections: Any) -> dict[str, Any]:
+    """The settings a run folder records (``config.yaml``, ``recipe.yaml``): each section as plain
+    YAML values, exactly as they read back from the file."""
+    return yaml.safe_load(yaml.safe_dump({k: to_dict(v) for k, v in sections.items()}, sort_keys=False))
+
+
+def _write_config(folder: Path, doc: dict[str, Any]) -> None:
+    atomic_write_text(folder / CONFIG, yaml.safe_dump({**doc, "environment": environment()}, sort_keys=False))
+
+
+def _differences(there: Any, now: Any, key: str = "") -> list[str]:
+    """The key paths where two recorded settings differ, each with both values (shortened)."""
+    if isinstance(there, list) and isinstance(now, list) and len(there) == len(now):
+        return [d for i, (a, b) in enumerate(zip(there, now))
+                for d in _differences(a, b, f"{key}.{i}" if key else str(i))]
+    if isinstance(there, dict) and isinstance(now, dict):
+        out = []
+        for k in list(now) + [k for k in there if k not in now]:
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in there or k not in now:
+                out.append(f"{sub}: {'missing' if k not in there else shorten(there[k], 60)} there, "
+                           f"{'missing' if k not in now else shorten(now[k], 60)} now")
+            else:
+                out += _differences(there[k], now[k], sub)
+        return out
+    return [] if there == now else [f"{key}: {shorten(there, 60)} there, {shorten(now, 60)} now"]
+
+
+def check_resume(path: Path, current: dict[str, Any], what: str = "settings") -> None:
+    """Refuse to resume in a run folder whose recorded settings (``path``: its ``config.yaml`` or
+    ``recipe.yaml``) differ from ``current``, naming the differing keys; only the sections of
+    ``current`` are compared. Nothing is written.
+
+    Raises:
+        UserError: the settings differ, or the folder has something to resume but no readable record.
+    """
+    again = "pass --no-resume to start again there (its files are replaced), or choose another --out"
+    if not path.is_file():
+        raise UserError(f"run folder {str(path.parent)!r} holds an earlier run but no {path.name} recording its "
+                        f"{what}; {again}")
+    recorded = yamlsafe.load_file(path, f"the run folder's {what}")
+    if not isinstance(recorded, dict):
+        raise UserError(f"{str(path)!r} is not a mapping of {what}; {again}")
+    diffs = _differences({k: recorded.get(k) for k in current}, current)
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(f"run folder {str(path.parent)!r} holds an earlier run with other {what} ({shown}); {again}")
+
+
+def check_owner(folder: Path, kind: str) -> None:
+    """Refuse to write a ``kind`` run (``train`` or ``analysis``) into a folder whose
+    ``config.yaml`` records the other kind: its settings would be replaced."""
+    path = folder / CONFIG
+    if not path.is_file():
+        return
+    try:
+        recorded = yamlsafe.load_file(path, "the run folder's settings")
+    except UserError:
+        return  # not ours to judge: it is replaced like any other earlier file
+    other = {"train": "analysis", "analysis": "train"}[kind]
+    if isinstance(recorded, dict) and other in recorded and kind not in recorded:
+        raise UserError(f"run folder {str(folder)!r} holds a {'training' if other == 'train' else 'analysis'} run "
+                        f"({CONFIG} records its settings); writing the {kind} there would replace them: choose "
+                        f"another --out")
 
 
 def model_meta(cfg: ModelConfig, bundle: DataBundle) -> dict[str, Any]:
@@ -50,11 +114,14 @@ def config_from_checkpoint(cfg: ModelConfig) -> ModelConfig:
     if cfg.checkpoint is None:
         return cfg if cfg.name else dataclasses.replace(cfg, name="vgg16")
     if not Path(cfg.checkpoint).is_file():
-        raise UserError(f"checkpoint {cfg.checkpoint!r} does not exist")
+        raise UserError(f"checkpoint {shorten(cfg.checkpoint)} does not exist")
     meta = read_meta(cfg.checkpoint)
     name = cfg.name or meta.get("model") or "vgg16"
     options = cfg.options or (meta.get("options", {}) if name == meta.get("model") else {})
-    return dataclasses.replace(cfg, name=name, options=options)
+    try:
+        return dataclasses.replace(cfg, name=name, options=options)
+    except UserError as e:
+        raise UserError(f"checkpoint {shorten(cfg.checkpoint)}: its metadata gives {e}") from None
 
 
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, out: str | Path, *,
@@ -63,18 +130,27 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, out: s
     ``config.yaml`` in ``out``. The accuracy logged every epoch is the validation split's when the
     data has one (``val_acc``); the test split is left for the report.
 
+    The folder is locked for the run (:func:`compress.io.run_folder_lock`). With ``resume`` a
+    checkpoint there is continued only when its ``config.yaml`` records the same settings
+    (:func:`check_resume`); nothing in the folder is written before that check and the checkpoint
+    load have passed.
+
     Returns:
         ``(model, history, bundle)``, the bundle with all its splits.
     """
-    out = ensure_writable_dir(out)
-    bundle = data_cfg.load()
-    torch.manual_seed(cfg.seed)  # the initial weights follow the seed too
-    model = build_model(model_cfg, bundle)
-    _write_config(out, model=model_cfg, data=data_cfg, train=cfg)
-    meta = model_meta(model_cfg, bundle)
-    choices = bundle.for_choices("val" if bundle.val is not None else "test")
-    history = fit(model, choices, cfg, out, meta=meta, resume=resume, progress=progress)
-    save_model(model, out / "model.pt", meta)
+    with run_folder_lock(out) as out:
+        check_owner(out, "train")
+        bundle = data_cfg.load()
+        torch.manual_seed(cfg.seed)  # the initial weights follow the seed too
+        model = build_model(model_cfg, bundle)
+        recorded = settings(model=model_cfg, data=data_cfg, train=cfg)
+        if resume and (out / CHECKPOINT).is_file():
+            check_resume(out / CONFIG, recorded)
+        meta = model_meta(model_cfg, bundle)
+        choices = bundle.for_choices("val" if bundle.val is not None else "test")
+        history = fit(model, choices, cfg, out, meta=meta, resume=resume, progress=progress,
+                      started=lambda: _write_config(out, recorded))
+        save_model(model, out / "model.pt", meta)
     return model, history, bundle
 
 
@@ -96,27 +172,32 @@ def analyze(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: AnalysisConfig, o
         bundle: already loaded data.
         progress: progress bars.
         report: also write the report.
-    """
-    out = ensure_writable_dir(out)
-    bundle = bundle or data_cfg.load()
-    if model is None:
-        model_cfg = config_from_checkpoint(model_cfg)
-        if model_cfg.checkpoint is None and not model_cfg.pretrained:
-            raise UserError("analyze needs a trained model: pass --checkpoint (or --pretrained for timm/torchvision)")
-        model = build_model(model_cfg, bundle)
-    tap_names = resolve_taps(model, cfg.taps, bundle.input_size)
-    _write_config(out, model=model_cfg, data=data_cfg, analysis=cfg, taps=tap_names)
-    choices = bundle.for_choices(cfg.split)
-    model_acc = evaluate(model, choices)
-    result = analyze_model(model, choices, tap_names, cfg, model_name=model_cfg.name, progress=progress)
-    result.model_accuracy = model_acc
-    result.config = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "analysis": to_dict(cfg),
-                     "split": choices.eval_split, "split_note": _split_note(choices, model_cfg)}
-    result.save(out)
-    if report:
-        from compress.reports.analysis import write_report
 
-        write_report(result, out)
+    The folder is locked for the run; a model with non-finite weights is refused.
+    """
+    with run_folder_lock(out) as out:
+        check_owner(out, "analysis")
+        bundle = bundle or data_cfg.load()
+        if model is None:
+            model_cfg = config_from_checkpoint(model_cfg)
+            if model_cfg.checkpoint is None and not model_cfg.pretrained:
+                raise UserError("analyze needs a trained model: pass --checkpoint (or --pretrained for "
+                                "timm/torchvision)")
+            model = build_model(model_cfg, bundle)
+        check_finite(model, f"model {model_cfg.checkpoint or model_cfg.name!r}")
+        tap_names = resolve_taps(model, cfg.taps, bundle.input_size)
+        choices = bundle.for_choices(cfg.split)
+        _write_config(out, settings(model=model_cfg, data=data_cfg, analysis=cfg, taps=tap_names))
+        model_acc = evaluate(model, choices)
+        result = analyze_model(model, choices, tap_names, cfg, model_name=model_cfg.name, progress=progress)
+        result.model_accuracy = model_acc
+        result.config = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "analysis": to_dict(cfg),
+                         "split": choices.eval_split, "split_note": _split_note(choices, model_cfg)}
+        result.save(out)
+        if report:
+            from compress.reports.analysis import write_report
+
+            write_report(result, out)
     return result
 
 
@@ -147,12 +228,14 @@ def fit_error_line(ks: Sequence[int], errors: Sequence[float]) -> dict[str, floa
 
 
 def run_label_scaling(model: ModelConfig, data: DataConfig, ks: Sequence[int], train_cfg: TrainConfig,
-                      analysis_cfg: AnalysisConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+                      analysis_cfg: AnalysisConfig, out: str | Path, *, resume: bool = True,
+                      progress: bool = True) -> dict[str, Any]:
     """The second paper's CIFAR-K experiment: train and analyse one model per K (nested label
     subsets of ``data``) and fit the error at the plateau tap against K.
 
-    Each K gets ``out/K<k>/train`` (resumable) and ``out/K<k>/analysis``; ``out/cifar_k.json`` and
-    ``out/report.{md,html}`` hold the per-K table, the fit and the plot.
+    Each K gets ``out/K<k>/train`` (resumed when ``resume`` and its settings match) and
+    ``out/K<k>/analysis``; ``out/cifar_k.json`` and ``out/report.{md,html}`` hold the per-K table,
+    the fit and the plot. ``out`` is locked for the run.
 
     Returns:
         ``{"rows": [...], "fit": {...}}``, one row per K with the plateau tap, its error and
@@ -160,23 +243,28 @@ def run_label_scaling(model: ModelConfig, data: DataConfig, ks: Sequence[int], t
     """
     from compress.reports.cifar_k import write_cifar_k_report
 
-    out = ensure_writable_dir(out)
-    rows = []
-    for k in sorted(set(int(k) for k in ks)):
-        spec = dataclasses.replace(data, num_labels=k)
-        folder = out / f"K{k}"
-        trained, _, bundle = train(model, spec, train_cfg, folder / "train", progress=progress)
-        result = analyze(model, spec, analysis_cfg, folder / "analysis", model=trained, bundle=bundle,
-                         progress=progress)
-        tap = result.tap(result.plateau)
-        rows.append({"K": k, "labels": bundle.label_names, "plateau": tap.name, "model_accuracy": result.model_accuracy,
-                     "accuracy": tap.accuracy, "error": 1 - tap.accuracy, "N_f": tap.n_filters,
-                     "n": tap.stats.noise, "N_c": tap.stats.clusters_per_filter, "C_s": tap.stats.cluster_size,
-                     "taps": [{"name": t.name, "accuracy": t.accuracy, "n": t.stats.noise,
-                               "N_c": t.stats.clusters_per_filter, "C_s": t.stats.cluster_size} for t in result.taps]})
-        atomic_write_text(out / "cifar_k.json", json.dumps({"rows": rows}, indent=2))
-    fit = fit_error_line([r["K"] for r in rows], [r["error"] for r in rows]) if len(rows) >= 2 else None
-    summary = {"model": to_dict(model), "data": to_dict(data), "rows": rows, "fit": fit}
-    atomic_write_text(out / "cifar_k.json", json.dumps(summary, indent=2))
-    write_cifar_k_report(out, summary)
+    with run_folder_lock(out) as out:
+        rows = []
+        for k in sorted(set(int(k) for k in ks)):
+            spec = dataclasses.replace(data, num_labels=k)
+            folder = out / f"K{k}"
+            trained, _, bundle = train(model, spec, train_cfg, folder / "train", resume=resume, progress=progress)
+            result = analyze(model, spec, analysis_cfg, folder / "analysis", model=trained, bundle=bundle,
+                             progress=progress)
+            rows.append(_k_row(k, bundle, result))
+            atomic_write_text(out / "cifar_k.json", json.dumps({"rows": rows}, indent=2))
+        fit = fit_error_line([r["K"] for r in rows], [r["error"] for r in rows]) if len(rows) >= 2 else None
+        summary = {"model": to_dict(model), "data": to_dict(data), "rows": rows, "fit": fit}
+        atomic_write_text(out / "cifar_k.json", json.dumps(summary, indent=2))
+        write_cifar_k_report(out, summary)
     return summary
+
+
+def _k_row(k: int, bundle: DataBundle, result: AnalysisResult) -> dict[str, Any]:
+    """One K's row of the CIFAR-K table: the plateau tap and every tap's figures."""
+    tap = result.tap(result.plateau)
+    return {"K": k, "labels": bundle.label_names, "plateau": tap.name, "model_accuracy": result.model_accuracy,
+            "accuracy": tap.accuracy, "error": 1 - tap.accuracy, "N_f": tap.n_filters,
+            "n": tap.stats.noise, "N_c": tap.stats.clusters_per_filter, "C_s": tap.stats.cluster_size,
+            "taps": [{"name": t.name, "accuracy": t.accuracy, "n": t.stats.noise,
+                      "N_c": t.stats.clusters_per_filter, "C_s": t.stats.cluster_size} for t in result.taps]}

@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -16,13 +16,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compress import distributed
+from compress.checks import integer, number, one_of
+from compress.checks import seed as check_seed
 from compress.data import DataBundle, ImageSet, iterate_batches
-from compress.errors import UserError
+from compress.errors import UserError, clip, shorten
 from compress.io import atomic_torch_save, atomic_write_text
+from compress.models.factory import read_checkpoint, state_mismatch
+from compress.models.introspect import non_finite
+from compress.models.meta import parse_meta
 
 __all__ = ["TrainConfig", "fit", "evaluate", "default_device", "param_groups"]
 
 CHECKPOINT = "checkpoint.pt"
+MAX_LR = 1000.0  # beyond it SGD's arithmetic overflows float32 rather than training
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,26 @@ class TrainConfig:
     lr_factors: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("step", "cosine", "onecycle"):
-            raise UserError(f"unknown schedule {self.schedule!r}; valid: step, cosine, onecycle")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("epochs and batch_size must be at least 1")
+        one_of("schedule", self.schedule, ("step", "cosine", "onecycle"))
+        integer("epochs", self.epochs, low=1, high=1_000_000, hint="passes over the training split")
+        integer("batch_size", self.batch_size, low=1, high=1_000_000, hint="images per optimiser step")
+        number("lr", self.lr, low=0, high=MAX_LR, low_open=True, hint="the learning rate, e.g. 0.01")
+        nesterov = "SGD with Nesterov momentum needs a momentum in (0, 1), e.g. 0.9"
+        number("momentum", self.momentum, low=0, high=1, low_open=True, high_open=True, hint=nesterov)
+        number("weight_decay", self.weight_decay, low=0, high=1, hint="L2 weight decay, 0 for none")
+        if self.lr_fc is not None:
+            number("lr_fc", self.lr_fc, low=0, high=MAX_LR, low_open=True,
+                   hint="the learning rate of the linear layers (leave it out: lr)")
+        if self.momentum_fc is not None:
+            number("momentum_fc", self.momentum_fc, low=0, high=1, low_open=True, high_open=True, hint=nesterov)
+        if self.weight_decay_fc is not None:
+            number("weight_decay_fc", self.weight_decay_fc, low=0, high=1, hint="L2 weight decay, 0 for none")
+        number("lr_decay", self.lr_decay, low=0, high=1, low_open=True, hint="the factor of the step schedule")
+        integer("lr_step", self.lr_step, low=1, hint="epochs between two decays of the step schedule")
+        check_seed("seed", self.seed)
+        for prefix, factor in (self.lr_factors or {}).items():
+            number(f"lr_factors.{clip(str(prefix), 60)}", factor, low=0, high=MAX_LR,
+                   hint="a learning-rate factor per module prefix, e.g. {blocks: 0.1} (0 freezes)")
 
     def train_options(self) -> dict[str, Any]:
         """The fields of :class:`TrainConfig` alone (a subclass may add its own)."""
@@ -152,7 +174,7 @@ def evaluate(model: nn.Module, bundle: DataBundle, split: ImageSet | None = None
 
 def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | Path, *,
         meta: dict[str, Any] | None = None, resume: bool = True, device: torch.device | None = None,
-        progress: bool = True, after_step=None) -> list[dict[str, float]]:
+        progress: bool = True, after_step=None, started: Callable[[], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` on ``bundle.train``, checkpointing to ``out_dir/checkpoint.pt`` after every epoch.
 
     A run started again with the same ``out_dir`` resumes after the last finished epoch; shuffling
@@ -176,9 +198,16 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         device: defaults to CUDA when present.
         progress: show a progress bar.
         after_step: optional ``callable(model)`` run after every optimiser step (e.g. re-applying masks).
+        started: optional ``callable()`` run once the checkpoint to resume from was read and
+            checked, before anything is written (e.g. writing the run's settings).
 
     Returns:
         One dict per epoch: ``epoch``, ``lr``, ``loss``, ``train_acc``, ``val_acc`` or ``test_acc``, ``seconds``.
+
+    Raises:
+        UserError: the checkpoint to resume from is damaged, carries code or is of another model;
+            or the loss or the weights stopped being finite (the run stops before saving that
+            epoch, so the last good checkpoint is kept).
     """
     out_dir = Path(out_dir)
     device = device or default_device()
@@ -191,6 +220,8 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ckpt_path = out_dir / CHECKPOINT
     history = _resume(model, opt, ckpt_path, device) if resume else []
+    if started is not None:
+        started()
     net, batch_size = _parallel(model, cfg, device)
     progress = progress and distributed.is_main()
     for epoch in range(len(history), cfg.epochs):
@@ -198,7 +229,14 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
             g["lr"] = lr * _lr_factor(cfg, epoch)
         t0 = time.perf_counter()
         step = _Step(net, model, opt, scaler, base_lrs, cfg, use_amp, after_step)
-        seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
+        try:
+            seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
+        except FloatingPointError as e:
+            raise _diverged(cfg, epoch, f"the loss became {e.args[0]}", ckpt_path, len(history)) from None
+        bad = non_finite(model)
+        if bad or not math.isfinite(loss_sum):
+            what = f"the weights of {', '.join(bad[:3])} became" if bad else "the loss became"
+            raise _diverged(cfg, epoch, f"{what} NaN or infinite", ckpt_path, len(history))
         acc = evaluate(model, bundle, device=device)
         split = bundle.eval_split
         history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
@@ -216,18 +254,61 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
     return history
 
 
+def _diverged(cfg: TrainConfig, epoch: int, what: str, path: Path, finished: int) -> UserError:
+    """The error of a run whose loss or weights stopped being finite in ``epoch`` (0-based)."""
+    kept = (f"the checkpoint of epoch {finished} ({str(path)!r}) is kept" if finished
+            else "no checkpoint was written")
+    return UserError(f"training diverged in epoch {epoch + 1}: {what}; {kept}. Lower the learning rate "
+                     f"(lr {cfg.lr:g}) or check the data and its normalisation (mean, std)")
+
+
 def _resume(model: nn.Module, opt: torch.optim.Optimizer, path: Path, device: torch.device) -> list[dict[str, float]]:
-    """Load the model and optimiser state of ``path`` when every process sees it; the history so far."""
+    """Load the model and optimiser state of ``path`` when every process sees it; the history so far.
+
+    The checkpoint is untrusted (it is whatever the run folder holds): a damaged file, one of
+    another model, or one carrying code is a :class:`UserError` that suggests ``--no-resume``.
+    """
     if not _checkpoint_visible(path, distributed.world_size()):
         return []
-    state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    history = json.loads(state["history"])
-    if len(history) != int(state["epoch"]) + 1:
-        raise UserError(f"{str(path)!r} is inconsistent (epoch {state['epoch']}, {len(history)} history rows); "
-                        f"pass --no-resume to start again")
+    again = "pass --no-resume to start again, or choose another --out"
+    state, history = _load_training_state(path, device, again)
+    problem = state_mismatch(model.state_dict(), state["model"])
+    if problem:
+        raise UserError(f"the run folder's checkpoint {str(path)!r} was saved for another model ({problem}); {again}")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"the run folder's checkpoint {str(path)!r} does not fit this model and its optimiser "
+                        f"({type(e).__name__}: {clip(str(e), 120)}); {again}") from None
     return history
+
+
+def _load_training_state(path: Path, device: torch.device, again: str) -> tuple[dict[str, Any], list[dict]]:
+    """The checkpoint mapping and its history, checked to be what :func:`fit` writes."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        text = str(e).strip()
+        why = ("carries pickled code and was refused" if "weights_only" in text or "Unsupported global" in text
+               else f"cannot be read ({clip(text.splitlines()[0] if text else type(e).__name__, 120)}); it is "
+                    f"truncated or damaged")
+        raise UserError(f"the run folder's checkpoint {str(path)!r} {why}; {again}") from None
+    fields_ok = (isinstance(state, dict) and isinstance(state.get("model"), dict)
+                 and isinstance(state.get("optimizer"), dict) and isinstance(state.get("history"), str)
+                 and isinstance(state.get("epoch"), int) and not isinstance(state.get("epoch"), bool))
+    if not fields_ok:
+        raise UserError(f"{str(path)!r} is not a training checkpoint of compress (no model, optimizer, epoch and "
+                        f"history); {again}")
+    try:
+        history = json.loads(state["history"])
+    except ValueError:
+        history = None
+    if (not isinstance(history, list) or not all(isinstance(h, dict) for h in history)
+            or len(history) != state["epoch"] + 1):
+        raise UserError(f"{str(path)!r} is inconsistent (epoch {shorten(state['epoch'])}, its history is not one row "
+                        f"per finished epoch); {again}")
+    return state, history
 
 
 def _parallel(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, int]:
@@ -292,8 +373,11 @@ def _train_epoch(step: _Step, bundle: DataBundle, batch_size: int, epoch: int, d
                desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
         loss, logits = step(x, y, epoch + i / steps_per_epoch)
+        value = loss.item()
+        if world == 1 and not math.isfinite(value):  # several processes stop together, after the epoch
+            raise FloatingPointError(value)
         seen += len(y)
-        loss_sum += loss.item() * len(y)
+        loss_sum += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
     if world > 1:  # the epoch's figures over all processes
@@ -314,11 +398,10 @@ def _checkpoint_visible(path: Path, world: int) -> bool:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The ``meta`` a training checkpoint was saved with (empty for a bare state dict)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return {}
-    if isinstance(state, dict) and isinstance(state.get("meta"), str):
-        return json.loads(state["meta"])
-    return {}
+    """The checked ``meta`` a training checkpoint or model file was saved with (empty for a bare
+    state dict).
+
+    Raises:
+        UserError: the file is missing, unreadable, carries code, or its metadata is damaged.
+    """
+    return parse_meta(read_checkpoint(path)[1], f"checkpoint {str(path)!r}")

@@ -115,9 +115,13 @@ def test_mismatch_past_tolerance_fails_loudly(exported, bundle, tmp_path):
             return out if torch.onnx.is_in_onnx_export() else out + 0.1
 
     bad = tmp_path / "bad.onnx"
-    with pytest.raises(ExportMismatchError, match="removed"):
+    with pytest.raises(ExportMismatchError, match="was not written"):
         export_and_verify(Drifting(), meta, bad, bundle)
     assert not bad.exists()
+    bad.write_bytes(b"an earlier export")  # a failed export leaves an earlier file as it was
+    with pytest.raises(ExportMismatchError, match="earlier file there is kept"):
+        export_and_verify(Drifting(), meta, bad, bundle)
+    assert bad.read_bytes() == b"an earlier export" and sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
 def _corrupt_copies(path, folder):

@@ -87,7 +87,8 @@ def test_preprocessing_follows_the_metadata(digits_onnx, tmp_path):
     grey.save(tmp_path / "b.png")
     x = preprocess_images([tmp_path / "a.png", tmp_path / "b.png"], meta)
     assert x.shape == (2, 3, 32, 32) and x.dtype == np.float32
-    ref = np.asarray(rgba.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32).transpose(2, 0, 1)
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba)  # transparency over white
+    ref = np.asarray(on_white.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32).transpose(2, 0, 1)
     mean, std = np.array([0.1, 0.2, 0.3]).reshape(3, 1, 1), np.array([0.5, 0.25, 0.2]).reshape(3, 1, 1)
     np.testing.assert_allclose(x[0], (ref / 255 - mean) / std, atol=1e-5)
     g = np.asarray(grey, dtype=np.float32) / 255

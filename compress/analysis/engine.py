@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -10,11 +12,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from compress import distributed
-from compress.analysis.clusters import find_clusters_batched, noise_batched
-from compress.analysis.fields import clip_fields, field_matrices, normalize_fields
+from compress import checks, distributed
+from compress.analysis.clusters import CHUNK_BYTES
+from compress.analysis.fields import AUTO_MAX_LABELS, class_sums, decision_filters, decision_matrices, scan_fields
 from compress.analysis.result import AnalysisResult, TapAnalysis
-from compress.analysis.stats import find_plateau, label_snr, layer_stats, snr_estimates
+from compress.analysis.stats import find_plateau, layer_stats, snr_estimates
 from compress.data import DataBundle
 from compress.errors import OptionError, UserError
 from compress.analysis.features import FeatureCache, extract_features
@@ -40,11 +42,13 @@ class AnalysisConfig:
         probe_lr_decay: factor on the probe learning rate after every epoch.
         plateau_tolerance: accuracy points below the best probe still counted as the plateau.
         feature_dtype: precision of the cached tap features.
-        max_memory_gb: feature caches larger than this go to memory-mapped files.
+        max_memory_gb: memory budget: caches above half of it go to memory-mapped files; phase 3 chunks filters within it.
         cache_dir: folder for those files (default: a temporary folder).
         batch_size: images per forward pass during feature extraction.
         tap_pool: average-pool each tap KxK, stride K, before its probe (the paper used 7 at 224x224).
         seed: probe initialisation and shuffling.
+        decision: Fig. 3B decision matrices: all, none, sample:N (N filters, most clustered first) or auto (all if K <= 100).
+        save_fields: raw and normalised fields in the artifact: float32, float16, none or auto (float32 if K <= 100).
     """
 
     taps: list[str] | None = None
@@ -63,14 +67,28 @@ class AnalysisConfig:
     batch_size: int = 100
     tap_pool: int | None = None
     seed: int = 0
+    decision: str = "auto"
+    save_fields: Literal["auto", "float32", "float16", "none"] = "auto"
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|all|none|sample:[1-9][0-9]*", str(self.decision)):
+            raise OptionError("decision", f"must be auto, all, none or sample:N with N >= 1, got {self.decision!r}")
         if not 0.0 < self.threshold < 1.0:
             raise OptionError("threshold", f"{self.threshold} is outside (0, 1); the papers use 0.3 (robust in 0.3-0.6)")
-        if self.probe_epochs < 1:
-            raise UserError(f"probe_epochs must be at least 1, got {self.probe_epochs}")
-        if self.plateau_tolerance < 0:
-            raise UserError(f"plateau_tolerance must be >= 0 points, got {self.plateau_tolerance}")
+        checks.integer("probe_epochs", self.probe_epochs, low=1, hint="training epochs of each probe, e.g. 200")
+        checks.integer("probe_batch_size", self.probe_batch_size, low=1, hint="images per probe step, e.g. 100")
+        checks.number("probe_lr", self.probe_lr, low=0, high=1000, low_open=True, hint="e.g. 0.01")
+        checks.number("probe_momentum", self.probe_momentum, low=0, high=1, high_open=True, hint="in [0, 1), e.g. 0.975")
+        checks.number("probe_weight_decay", self.probe_weight_decay, low=0, high=1, hint="in [0, 1], e.g. 1e-3")
+        checks.number("probe_lr_decay", self.probe_lr_decay, low=0, high=1, low_open=True, hint="in (0, 1], e.g. 0.975")
+        checks.number("plateau_tolerance", self.plateau_tolerance, low=0, high=100, hint="accuracy points, e.g. 0.5")
+        checks.number("max_memory_gb", self.max_memory_gb, low=0, high=1e6, low_open=True, hint="GiB, e.g. 4")
+        checks.integer("batch_size", self.batch_size, low=1, hint="images per forward pass, e.g. 100")
+        if self.tap_pool is not None:
+            checks.integer("tap_pool", self.tap_pool, low=1, hint="a pooling kernel of at least 1 (or leave it out)")
+        checks.seed("seed", self.seed)
+        if self.taps is not None and (not self.taps or not all(isinstance(t, str) and t for t in self.taps)):
+            raise OptionError("taps", "must be a non-empty list of module paths or globs (or left out: the model's own)")
 
     def make_probe(self, num_classes: int) -> LinearProbe:
         return LinearProbe(num_classes, epochs=self.probe_epochs, batch_size=self.probe_batch_size, lr=self.probe_lr,
@@ -79,8 +97,17 @@ class AnalysisConfig:
 
 
 def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes: int, threshold: float,
-                accuracy: float = float("nan"), train_accuracy: float = float("nan")) -> TapAnalysis:
+                accuracy: float = float("nan"), train_accuracy: float = float("nan"), *,
+                cfg: AnalysisConfig | None = None) -> TapAnalysis:
     """Phase 3 for one tap: field and decision matrices, clipping, clusters, noise, statistics, SNR.
+
+    The features are summed per true label once; the (C, K, K) matrices are then computed,
+    clipped and searched for clusters in chunks of filters whose dense temporaries take at most
+    ``cfg.max_memory_gb / 64``, between 16 and 64 MiB (larger chunks only add page faults).
+    What stays in memory besides the features: the class sums (K x C x H x W float64), the
+    bit-packed clipped matrices (C K^2 / 8 bytes), (C, K) summaries, and the fields and
+    decision matrices only when ``cfg.save_fields`` and ``cfg.decision`` ask for them (by
+    default up to K = 100; the decision matrices are kept sparse).
 
     Args:
         name: tap name.
@@ -90,22 +117,29 @@ def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes
         threshold: clipping threshold.
         accuracy: the probe's test accuracy (reported only).
         train_accuracy: the probe's training accuracy (reported only).
+        cfg: ``decision``, ``save_fields`` and ``max_memory_gb`` (default: ``AnalysisConfig()``).
     """
+    cfg = cfg or AnalysisConfig()
     feats = test.features[name]
     c, h, w = feats.shape[1], *(feats.shape[2:4] if feats.dim() == 4 else (1, 1))
-    fields, decision = field_matrices(feats, test.labels, weight, num_classes)
-    normalized = normalize_fields(fields)
-    clipped = clip_fields(normalized, threshold)
-    ids = find_clusters_batched(clipped)
-    noise = noise_batched(clipped, ids)
-    stats = layer_stats(ids, noise)
-    snr = label_snr(clipped, fields, ids)
+    budget = int(min(CHUNK_BYTES, max(CHUNK_BYTES / 4, cfg.max_memory_gb * 2**30 / 64)))
+    keep = cfg.save_fields if cfg.save_fields != "auto" else ("float32" if num_classes <= AUTO_MAX_LABELS else "none")
+    kept_gb = 2 * c * num_classes**2 * (2 if keep == "float16" else 4) / 2**30
+    if keep != "none" and kept_gb > cfg.max_memory_gb:
+        warnings.warn(f"{name}: keeping the fields (save_fields {keep}) takes {kept_gb:.1f} GiB, more than "
+                      f"max_memory_gb {cfg.max_memory_gb:g}", stacklevel=2)
+    sums = class_sums(feats, test.labels, num_classes, budget)
+    scan = scan_fields(sums, weight, threshold, keep=None if keep == "none" else keep, budget=budget)
+    chosen = decision_filters(cfg.decision, scan.cluster_ids)
+    decision = None if chosen is None else decision_matrices(feats, test.labels, weight, num_classes, chosen, budget)
+    stats = layer_stats(scan.cluster_ids, scan.noise)
     return TapAnalysis(
         name=name, n_filters=c, spatial=(h, w), accuracy=accuracy, train_accuracy=train_accuracy,
-        threshold=threshold, probe_weight=weight.reshape(num_classes, c, h, w).numpy(), fields=fields.numpy(),
-        decision=decision.numpy(), normalized=normalized.numpy(), clipped=clipped.numpy(), cluster_ids=ids.numpy(),
-        noise=noise.numpy(), stats=stats, snr={k: {p: v.numpy() for p, v in d.items()} for k, d in snr.items()},
-        estimates=snr_estimates(stats, c, num_classes),
+        threshold=threshold, probe_weight=weight.reshape(num_classes, c, h, w).numpy(), fields=scan.fields,
+        decision=decision, normalized=scan.normalized, clipped=scan.clipped, cluster_ids=scan.cluster_ids.numpy(),
+        noise=scan.noise.numpy(), stats=stats, estimates=snr_estimates(stats, c, num_classes),
+        snr={kind: {p: v.numpy() for p, v in parts.items()} for kind, parts in scan.snr.items()},
+        cluster_fields=scan.cluster_fields.numpy(),
     )
 
 
@@ -174,7 +208,7 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
     for name in taps:
         weight, accuracy, train_accuracy = probes[name]
         results.append(analyze_tap(name, weight, test, k, cfg.threshold, accuracy=accuracy,
-                                   train_accuracy=train_accuracy))
+                                   train_accuracy=train_accuracy, cfg=cfg))
     timings["phase3"] = time.perf_counter() - t0
     plateau = find_plateau([r.accuracy for r in results], cfg.plateau_tolerance)
     return AnalysisResult(model=model_name, dataset=bundle.name, label_names=list(bundle.label_names), taps=results,

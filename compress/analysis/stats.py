@@ -3,12 +3,14 @@ signal-to-noise ratios of Eqs. (1)-(4), Boolean and field versions (Fig. 2)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from compress.analysis.clusters import cluster_mask
+from compress.analysis.clusters import CHUNK_BYTES, cluster_mask, cluster_sizes, filter_chunks
 from compress.analysis.result import LayerStats
 
-__all__ = ["layer_stats", "label_snr", "snr_estimates", "find_plateau"]
+__all__ = ["layer_stats", "label_snr", "snr_estimates", "find_plateau", "snr_sums_zero", "snr_sums_add",
+           "snr_sums_add_rows", "snr_from_sums"]
 
 
 def layer_stats(cluster_ids: torch.Tensor, noise: torch.Tensor) -> LayerStats:
@@ -35,7 +37,11 @@ def layer_stats(cluster_ids: torch.Tensor, noise: torch.Tensor) -> LayerStats:
     )
 
 
-def label_snr(clipped: torch.Tensor, fields: torch.Tensor, cluster_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+_SNR_PARTS = ("signal", "noise_internal", "noise_external")
+
+
+def label_snr(clipped: torch.Tensor, fields: torch.Tensor, cluster_ids: torch.Tensor,
+              budget: int = CHUNK_BYTES) -> dict[str, dict[str, torch.Tensor]]:
     """Per-label signal, internal and external noise over a tap's filters (Fig. 2).
 
     Boolean version: ``signal[i]`` counts the filters with label i in a cluster (the diagonal of
@@ -43,17 +49,90 @@ def label_snr(clipped: torch.Tensor, fields: torch.Tensor, cluster_ids: torch.Te
     inside clusters and ``noise_external[i]`` the ones of row i outside every cluster, both
     divided by the K - 1 other labels, so that they compare with the signal on one competing
     output as in Eqs. (2)-(3). Field version: the same positions, summing the raw fields
-    instead of ones.
+    instead of ones. Computed in chunks of filters of at most ``budget`` bytes of temporaries.
     """
-    inside = cluster_mask(cluster_ids)
-    k = clipped.shape[1]
-    eye = torch.eye(k, dtype=torch.bool)
-    masks = {"signal": inside & eye, "noise_internal": inside & ~eye, "noise_external": clipped & ~inside}
+    clipped, fields, ids = torch.as_tensor(np.asarray(clipped)), torch.as_tensor(fields), torch.as_tensor(cluster_ids)
+    c, k = ids.shape
+    sums = snr_sums_zero(k)
+    for part in filter_chunks(c, 24 * k * k, budget):
+        snr_sums_add(sums, clipped[part].bool(), fields[part], ids[part])
+    return snr_from_sums(sums, k)
+
+
+def snr_sums_zero(k: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Empty accumulators for :func:`snr_sums_add`."""
+    return {kind: {name: torch.zeros(k, dtype=torch.float64) for name in _SNR_PARTS} for kind in ("boolean", "field")}
+
+
+def snr_sums_add(sums: dict, clipped: torch.Tensor, fields: torch.Tensor,
+                 cluster_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one chunk of filters to the per-label sums of :func:`label_snr` (unscaled).
+
+    Args:
+        sums: accumulators from :func:`snr_sums_zero`, updated in place.
+        clipped: (c, K, K) bool.
+        fields: (c, K, K) raw fields.
+        cluster_ids: (c, K) cluster index per label.
+
+    Returns:
+        (c,) float64, each filter's raw fields summed inside its clusters (signal + internal),
+        and (c,) int64, its noise (ones of ``clipped`` outside the clusters).
+    """
+    ids = torch.as_tensor(cluster_ids)
+    member = ids >= 0
+    inside = cluster_mask(ids)
+    outside = clipped & ~inside
+    in_rows = inside.sum(2)
+    out_rows = outside.sum(2)
+    sums["boolean"]["signal"] += member.sum(0)
+    sums["boolean"]["noise_internal"] += (in_rows - member.long()).sum(0)
+    sums["boolean"]["noise_external"] += out_rows.sum(0)
+    fields = fields.double()
+    diag = torch.where(member, fields.diagonal(dim1=1, dim2=2), 0.0)
+    in_fields = torch.where(inside, fields, 0.0).sum(2)
+    sums["field"]["signal"] += diag.sum(0)
+    sums["field"]["noise_internal"] += (in_fields - diag).sum(0)
+    sums["field"]["noise_external"] += torch.where(outside, fields, 0.0).sum((0, 2))
+    return in_fields.sum(1), out_rows.sum(1)
+
+
+def snr_sums_add_rows(sums: dict, cluster_ids: torch.Tensor, row_ones: torch.Tensor, row_fields: torch.Tensor,
+                      diag_fields: torch.Tensor, cluster_fields: torch.Tensor) -> torch.Tensor:
+    """:func:`snr_sums_add` from (c, K) row summaries instead of the (c, K, K) matrices.
+
+    Valid for clusters found on the same clipped matrices (every cluster is then an all-ones
+    block of them), so that a label's ones outside its cluster are its row's ones minus its
+    cluster's size.
+
+    Args:
+        sums: accumulators from :func:`snr_sums_zero`, updated in place.
+        cluster_ids: (c, K) cluster index per label, -1 for none.
+        row_ones: (c, K) ones per row of the clipped matrices.
+        row_fields: (c, K) raw fields summed over the ones of each row.
+        diag_fields: (c, K) the raw fields on the diagonal.
+        cluster_fields: (c, K) raw fields of each row summed over the label's cluster (0 outside clusters).
+
+    Returns:
+        (c,) int64 noise of each filter.
+    """
+    ids = torch.as_tensor(cluster_ids)
+    member = ids >= 0
+    size = cluster_sizes(ids)
+    outside = row_ones.long() - size
+    sums["boolean"]["signal"] += member.sum(0)
+    sums["boolean"]["noise_internal"] += (size - member.long()).sum(0)
+    sums["boolean"]["noise_external"] += outside.sum(0)
+    diag = torch.where(member, diag_fields.double(), 0.0)
+    sums["field"]["signal"] += diag.sum(0)
+    sums["field"]["noise_internal"] += (cluster_fields - diag).sum(0)
+    sums["field"]["noise_external"] += (row_fields - cluster_fields).sum(0)
+    return outside.sum(1)
+
+
+def snr_from_sums(sums: dict, k: int) -> dict[str, dict[str, torch.Tensor]]:
+    """The result of :func:`label_snr` from its sums: noise divided by the K - 1 competing labels."""
     scale = {"signal": 1.0, "noise_internal": 1.0 / max(k - 1, 1), "noise_external": 1.0 / max(k - 1, 1)}
-    return {
-        "boolean": {name: m.double().sum((0, 2)) * scale[name] for name, m in masks.items()},
-        "field": {name: (fields.double() * m).sum((0, 2)) * scale[name] for name, m in masks.items()},
-    }
+    return {kind: {name: v * scale[name] for name, v in parts.items()} for kind, parts in sums.items()}
 
 
 def snr_estimates(stats: LayerStats, n_filters: int, num_labels: int) -> dict[str, float]:

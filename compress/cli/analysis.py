@@ -51,8 +51,14 @@ def _cmd_cifar_k(args: argparse.Namespace) -> None:
 
     model = dataclasses.replace(flags.model_config(args), name=args.model_name or "vgg16",
                                 checkpoint=args.model_checkpoint if args.model_name else None)
+    for k in args.ks:
+        if k < 1:
+            from compress.errors import UserError
+
+            raise UserError(f"--ks {k}: every K must be a positive number of labels, e.g. --ks 3 6 8 10")
     summary = run_label_scaling(model, flags.data_config(args), args.ks, flags.train_config(args),
-                                flags.analysis_config(args), args.out, progress=not args.quiet)
+                                flags.analysis_config(args), args.out, resume=not args.no_resume,
+                                progress=not args.quiet)
     print(f"{'K':>4}{'plateau':>18}{'N_f':>6}{'accuracy':>10}{'n':>8}{'N_c':>7}{'C_s':>7}")
     for r in summary["rows"]:
         print(f"{r['K']:>4}{r['plateau']:>18}{r['N_f']:>6}{r['accuracy']:>10.4f}{r['n']:>8.2f}{r['N_c']:>7.2f}"
@@ -64,7 +70,14 @@ def _cmd_cifar_k(args: argparse.Namespace) -> None:
 
 
 def _cmd_taps(args: argparse.Namespace) -> None:
+    from compress.checks import MAX_CLASSES, MAX_IMAGE_SIDE
+    from compress.errors import UserError
     from compress.models import create_model, default_taps, tap_shapes
+
+    if not 1 <= args.num_classes <= MAX_CLASSES:
+        raise UserError(f"--num-classes {args.num_classes}: must be from 1 to {MAX_CLASSES}")
+    if not 1 <= args.img_size <= MAX_IMAGE_SIDE:
+        raise UserError(f"--img-size {args.img_size}: must be from 1 to {MAX_IMAGE_SIDE}")
 
     model = create_model(args.model_name, num_classes=args.num_classes, img_size=args.img_size,
                          **flags.model_options(args))
@@ -78,10 +91,24 @@ def _cmd_taps(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    import zipfile
+
     from compress.analysis import load_analysis
+    from compress.errors import UserError, clip, shorten
     from compress.reports.analysis import write_report
 
-    paths = write_report(load_analysis(args.run), args.run)
+    try:
+        result = load_analysis(args.run)
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"the analysis in {shorten(args.run)} cannot be read ({type(e).__name__}: "
+                        f"{clip(str(e), 120)}); its analysis.json or arrays/ are truncated or damaged: run "
+                        f"`compress analyze` again") from None
+    from compress.io import run_folder_lock
+
+    with run_folder_lock(args.run):
+        paths = write_report(result, args.run)
     print(f"report: {paths['html']}")
 
 
@@ -111,6 +138,7 @@ def add_commands(sub) -> None:
     flags.add_train(p)
     flags.add_analysis(p)
     p.add_argument("--out", required=True, help="folder: K<k>/train, K<k>/analysis, cifar_k.json, report")
+    p.add_argument("--no-resume", action="store_true", help="train every K again even if its checkpoint exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_cifar_k)
 

@@ -6,9 +6,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compress.errors import UserError
+from compress.errors import UserError, printable, shorten
 
 __all__ = ["add_commands"]
+
+# flag -> (smallest, largest) of the integer flags of these commands
+_INT_RANGES = {"labels": (1, 100_000), "image_size": (1, 4096), "limit_test": (1, None), "verify_samples": (1, None),
+               "threads": (1, 1024), "warmup": (0, None), "repeats": (1, None), "top_k": (1, None)}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse out-of-range values of the hand-written flags before any file is read."""
+    import math
+
+    for dest, (low, high) in _INT_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is not None and (value < low or high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise UserError(f"--{dest.replace('_', '-')} {value}: must be {span}")
+    for b in getattr(args, "batch_sizes", None) or []:
+        if not 1 <= b <= 65_536:
+            raise UserError(f"--batch-sizes {b}: every batch size must be from 1 to 65536")
+    tol = getattr(args, "tol", None)
+    if tol is not None and not (math.isfinite(tol) and tol > 0):
+        raise UserError(f"--tol {tol}: must be a positive finite number, e.g. 1e-3")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -33,14 +54,19 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from compress.deploy.export import export_and_verify
     from compress.compression.serialize import load_model
 
+    _check_flags(args)
     if str(args.model).lower().endswith(".onnx"):
-        raise UserError(f"{args.model!r} is already an ONNX file; export takes a model file or checkpoint")
+        raise UserError(f"{shorten(args.model)} is already an ONNX file; export takes a model file or checkpoint")
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
+    if out.is_dir():
+        raise UserError(f"--out {shorten(str(out))} is a folder; give the ONNX file to write, e.g. model.onnx")
+    if out.exists() and Path(args.model).exists() and out.resolve() == Path(args.model).resolve():
+        raise UserError(f"--out {shorten(str(out))} is the model file itself; give another file, e.g. model.onnx")
     model, meta = load_model(args.model)
     bundle = _test_data(args, meta)
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(".onnx")
     extra = {"params": count_params(model), "flops": count_flops(model, meta["input_size"])}
     r = export_and_verify(model, meta, out, bundle, opset=args.opset, tol=args.tol, max_samples=args.verify_samples,
-                          extra_meta=extra)
+                          extra_meta=extra, what=f"model file {str(args.model)!r}")
     print(f"wrote {r['path']} ({r['file_size'] / 1024:.1f} KiB, opset {r['opset']}, dynamic batch axis)")
     print(f"onnxruntime against PyTorch on {r['samples']} test images: max |diff| {r['max_abs_diff']:.2e} "
           f"(tolerance {r['tolerance']:g}), argmax agreement {r['argmax_agreement']:.2%}")
@@ -48,13 +74,16 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from compress.deploy.bench import read_model_file_meta, run_bench
+    from compress.io import run_folder_lock
     from compress.reports.bench import primary_backend, summary_rows, write_bench_report
 
+    _check_flags(args)
     bundle = _test_data(args, read_model_file_meta(args.models[0]))
-    result = run_bench(args.models, bundle, args.out, names=args.names, batch_sizes=args.batch_sizes,
-                       warmup=args.warmup, repeats=args.repeats, backends=args.backends, threads=args.threads,
-                       tol=args.tol)
-    write_bench_report(result, args.out)
+    with run_folder_lock(args.out):
+        result = run_bench(args.models, bundle, args.out, names=args.names, batch_sizes=args.batch_sizes,
+                           warmup=args.warmup, repeats=args.repeats, backends=args.backends, threads=args.threads,
+                           tol=args.tol)
+        write_bench_report(result, args.out)
     header, rows, ratio_header, ratios = summary_rows(result)
     print(f"latency: {primary_backend(result)}, median of {args.repeats} interleaved repeats")
     for table in ((header, rows), (["ratio to original", *ratio_header[1:]], ratios)):
@@ -68,10 +97,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from compress.deploy.predict import predict_images
 
+    _check_flags(args)
     if Path(args.model).suffix.lower() in (".pt", ".pth", ".safetensors", ".ckpt"):
-        raise UserError(f"predict runs an ONNX file; export {args.model!r} first with `compress export`")
+        raise UserError(f"predict runs an ONNX file; export {shorten(args.model)} first with `compress export`")
     for r in predict_images(args.model, args.images, top_k=args.top_k, device=args.device):
-        print(f"{r['file']}: " + ", ".join(f"{label} {p:.4f}" for label, p in r["top"]))
+        # names come from the file: control characters are escaped, never sent to the terminal
+        print(f"{printable(r['file'])}: " + ", ".join(f"{printable(label)} {p:.4f}" for label, p in r["top"]))
 
 
 def add_commands(sub) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, Sequence, Union
 from compress.analysis import AnalysisConfig
 from compress.config import convert, field_help, init_fields
 from compress.data import DataConfig
-from compress.errors import OptionError, UserError
+from compress.errors import OptionError, UserError, shorten
 from compress.models import ModelConfig
 from compress.training import TrainConfig
 
@@ -48,12 +48,12 @@ def _flag_type(tp: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _yaml_value(text: str) -> Any:
-    import yaml
+    from compress import yamlsafe
 
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a YAML value") from None
+        return yamlsafe.loads(text, "the value")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(f"{shorten(text)}: {e}") from None
 
 
 def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str = "",
@@ -106,10 +106,11 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
-def from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "",
+def from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "", names: Mapping[str, str] | None = None,
                **fixed: Any) -> Any:
     """Build ``cls`` from the parsed flags that :func:`add_flags` added with ``prefix`` (plus
-    ``fixed`` values), with the same checks as a recipe."""
+    ``fixed`` values), with the same checks as a recipe; ``names`` gives the flag of an error key
+    that is not a field (``{"options.width": "--width"}``)."""
     data, flags = {}, {}
     for f in init_fields(cls):
         dest = getattr(args, _ALIAS + prefix + f.name, prefix + f.name)
@@ -123,10 +124,13 @@ def from_flags(cls: type, args: argparse.Namespace, *, prefix: str = "",
         if value is None and type(None) not in typing.get_args(hints[key]) and hints[key] is not Any:
             continue
         kwargs[key] = convert(value, hints[key], flags.get(key, key))
+    flags.update(names or {})
     try:
         return cls(**kwargs)
     except OptionError as e:
-        raise UserError(f"{flags.get(e.key, e.key)} {e.message}") from None
+        head, _, rest = e.key.partition(".")  # lr_factors.features: the flag, then the entry
+        flag = flags.get(e.key) or (f"{flags[head]} {rest}" if rest and head in flags else e.key)
+        raise UserError(f"{flag} {e.message}") from None
 
 
 
@@ -170,15 +174,22 @@ def model_options(args: argparse.Namespace) -> dict:
         try:
             opts["fc_hidden"] = [] if text in ("", "none") else [int(v) for v in text.split(",")]
         except ValueError:
-            raise UserError(f"--fc-hidden {args.fc_hidden!r} must be comma-separated integers or 'none'") from None
+            raise UserError(f"--fc-hidden {shorten(args.fc_hidden)}: expected comma-separated integers, e.g. "
+                            f"4096,4096, or 'none'") from None
+        if any(v < 1 for v in opts["fc_hidden"]):
+            raise UserError(f"--fc-hidden {shorten(args.fc_hidden)}: every hidden width must be a positive integer, "
+                            f"e.g. 4096,4096, or 'none' for no hidden layer")
     return opts
+
+
+_OPTION_FLAGS = {"options.width": "--width", "options.batch_norm": "--batch-norm", "options.fc_hidden": "--fc-hidden"}
 
 
 def model_config(args: argparse.Namespace, default_name: str = "") -> ModelConfig:
     """The model of the flags; an empty name means "from the checkpoint" (see
     :func:`compress.jobs.config_from_checkpoint`)."""
     name = args.model_name or ("" if args.model_checkpoint else default_name or "vgg16")
-    return from_flags(ModelConfig, args, prefix="model_", name=name, options=model_options(args))
+    return from_flags(ModelConfig, args, prefix="model_", names=_OPTION_FLAGS, name=name, options=model_options(args))
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:

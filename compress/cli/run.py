@@ -40,7 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
               f"{' -> '.join(plan['steps'])}")
         return
     out = args.out or str(Path("runs") / recipe.name)
-    _print_run(run_recipe(recipe, out, progress=not args.quiet), out)
+    _print_run(run_recipe(recipe, out, progress=not args.quiet, resume=not args.no_resume), out)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -53,7 +53,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         path = Path(tmp) / "digits-demo.yaml"
         path.write_text(files("compress").joinpath("demo_recipe.yaml").read_text())
         recipe = load_recipe(path, args.set)
-    _print_run(run_recipe(recipe, args.out, progress=not args.quiet), args.out)
+    _print_run(run_recipe(recipe, args.out, progress=not args.quiet, resume=not args.no_resume), args.out)
 
 
 def _cmd_steps(args: argparse.Namespace) -> None:
@@ -62,11 +62,16 @@ def _cmd_steps(args: argparse.Namespace) -> None:
     print(steps_markdown(), end="")
 
 
+_NO_RESUME = ("start the run again even if --out holds one (of this or another recipe): its checkpoints are "
+              "not continued and its files are replaced")
+
+
 def add_commands(sub) -> None:
     """Register ``demo``, ``run`` and ``steps`` on the CLI's subparsers."""
     p = sub.add_parser("demo", help="the main job on the embedded digits: train, analyse, compress, export, benchmark")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    p.add_argument("--no-resume", action="store_true", help=_NO_RESUME)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -77,6 +82,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model and take one training step on random data, then stop")
+    p.add_argument("--no-resume", action="store_true", help=_NO_RESUME)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_run)
 

@@ -151,13 +151,13 @@ def _size(spec: Mapping[str, Any]) -> Sequence[int] | None:
     return spec.get("input_size") or None
 
 
-@register_transform("remove_blocks")
+@register_transform("remove_blocks", keys=("keep",))
 def _replay_remove(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     remove_blocks(model, spec["keep"], _size(spec))
     return model
 
 
-@register_transform("drop_layers")
+@register_transform("drop_layers", keys=("layers",))
 def _replay_drop(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     drop_layers(model, spec["layers"], _size(spec))
     return model

@@ -51,10 +51,13 @@ def filter_scores(tap: TapAnalysis) -> torch.Tensor:
         (C,) float64 scores, higher is better.
     """
     ids = torch.as_tensor(np.asarray(tap.cluster_ids)).long()
-    fields = torch.as_tensor(np.asarray(tap.fields), dtype=torch.float64)
     k = ids.shape[1]
-    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
-    strength = (fields * same).sum(dim=(1, 2)).clamp(min=0)
+    if tap.fields is not None:
+        fields = torch.as_tensor(np.asarray(tap.fields), dtype=torch.float64)
+        same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+        strength = (fields * same).sum(dim=(1, 2)).clamp(min=0)
+    else:  # fields not kept (large K): the artifact holds the same in-cluster sums
+        strength = torch.as_tensor(np.asarray(tap.cluster_fields), dtype=torch.float64).clamp(min=0)
     strength = strength / strength.max().clamp(min=1e-12)
     noise = torch.as_tensor(np.asarray(tap.noise), dtype=torch.float64)
     score = strength / (1.0 + noise / k)
@@ -225,6 +228,12 @@ def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Dependenc
     model.eval()
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    except (RuntimeError, ValueError, ZeroDivisionError, IndexError, KeyError, AttributeError) as e:
+        if isinstance(e, UserError):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"Torch-Pruning cannot build the dependency graph of {type(model).__name__} "
+                        f"({type(e).__name__}: {first}); filters of this model cannot be removed") from None
     finally:
         model.train(training)
 
@@ -280,13 +289,35 @@ def dilute(model: nn.Module, layer: str, keep: Sequence[int], example_inputs: to
     if example_inputs is None:
         device = next(model.parameters()).device
         example_inputs = torch.randn(1, *list(input_size_of(model, None)), device=device)
+    _remove_filters(copy.deepcopy(model), layer, removed, example_inputs, check=True)  # a failure leaves the model
+    graph = _remove_filters(model, layer, removed, example_inputs)
+    record_pruning(model, graph, input_size=list(example_inputs.shape[1:]))
+    return model
+
+
+def _remove_filters(model: nn.Module, layer: str, removed: list[int], example_inputs: torch.Tensor,
+                    check: bool = False) -> tp.DependencyGraph:
+    """Remove the ``removed`` filters of conv ``layer`` and their dependants (Torch-Pruning); with
+    ``check``, also run the result once (Torch-Pruning can follow a reshape wrongly and leave layers
+    that no longer fit, e.g. ConvNeXt's layer scales before a flattening head)."""
     graph = _build_graph(model, example_inputs)
-    group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed)
+    group = graph.get_pruning_group(model.get_submodule(layer), tp.prune_conv_out_channels, idxs=removed)
     if not graph.check_pruning_group(group):
         raise UserError(f"Torch-Pruning refuses to remove {len(removed)} filters of {layer}")
     group.prune()
-    record_pruning(model, graph, input_size=list(example_inputs.shape[1:]))
-    return model
+    if check:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(example_inputs)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"removing filters of {layer} with Torch-Pruning leaves a model that does not run "
+                            f"({first}); filters of this layer cannot be removed") from None
+        finally:
+            model.train(was)
+    return graph
 
 
 def round_up(count: int, multiple: int | None, limit: int) -> int:
@@ -299,14 +330,16 @@ def round_up(count: int, multiple: int | None, limit: int) -> int:
 
 
 def dilute_by_coverage(model: nn.Module, analysis: AnalysisResult, *, layer: str | None = None,
-                       target: int | None = None, min_coverage: int = 1, round_to: int | None = None,
+                       tap: str | None = None, target: int | None = None, min_coverage: int = 1,
+                       round_to: int | None = None,
                        example_inputs: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Select by coverage and dilute one conv layer: the issue's whole recipe.
 
     Args:
         model: the analysed network (changed in place).
         analysis: its analysis; the layer's statistics come from the tap that conv feeds.
-        layer: conv to dilute; default the last conv before the plateau tap.
+        layer: conv to dilute; default the last conv before ``tap``.
+        tap: the analysed tap whose clusters decide when ``layer`` is not given (default: the plateau).
         target: filters to keep, or ``None`` for the fewest that keep coverage.
         min_coverage: clusters each label must stay in.
         round_to: keep a multiple of this many filters (the target, or the fewest that keep
@@ -317,22 +350,31 @@ def dilute_by_coverage(model: nn.Module, analysis: AnalysisResult, *, layer: str
 
     Returns:
         ``(model, report)`` with the report of :func:`dilution_report`.
+
+    Raises:
+        UserError: the tap's channels are not the conv's filters (a tap that concatenates or
+            reorders the outputs of several convs: dense blocks, Inception and Fire modules,
+            mixed convs, channel shuffles).
     """
     taps = {find_tap_conv(model, t.name): t for t in reversed(analysis.taps)}
-    layer = layer or find_tap_conv(model, analysis.plateau)
+    if layer is None:
+        layer = find_tap_conv(model, tap or analysis.plateau)
+        taps[layer] = analysis.tap(tap or analysis.plateau)
     if layer not in taps:
         raise UserError(f"no analysed tap follows conv {layer!r}; analysed convs: {', '.join(sorted(taps))}")
-    tap, conv = taps[layer], _module(model, layer)
-    if tap.n_filters != conv.out_channels:
-        raise UserError(f"tap {tap.name} has {tap.n_filters} filters but {layer} has {conv.out_channels}; "
-                        f"is the analysis of this model?")
-    scores = filter_scores(tap)
-    keep = select_filters(tap.cluster_ids, scores, target=target, min_coverage=min_coverage, layer=layer)
+    tap_a, conv = taps[layer], _module(model, layer)
+    if tap_a.n_filters != conv.out_channels:
+        raise UserError(f"tap {tap_a.name} has {tap_a.n_filters} channels but {layer}, the last conv before it, has "
+                        f"{conv.out_channels} filters: the tap concatenates or reorders the outputs of several convs "
+                        f"(dense blocks, Inception and Fire modules, mixed convs, channel shuffles), which dilution "
+                        f"does not follow; dilute a tap whose channels are one conv's filters")
+    scores = filter_scores(tap_a)
+    keep = select_filters(tap_a.cluster_ids, scores, target=target, min_coverage=min_coverage, layer=layer)
     rounded = round_up(len(keep), round_to, conv.out_channels)
     if rounded != len(keep):
-        keep = select_filters(tap.cluster_ids, scores, target=rounded, min_coverage=min_coverage, layer=layer)
+        keep = select_filters(tap_a.cluster_ids, scores, target=rounded, min_coverage=min_coverage, layer=layer)
     dilute(model, layer, keep, example_inputs)
-    report = dilution_report(tap.cluster_ids, keep, layer, min_coverage=min_coverage)
+    report = dilution_report(tap_a.cluster_ids, keep, layer, min_coverage=min_coverage)
     if round_to is not None:
         report["round_to"] = round_to
     return model, report

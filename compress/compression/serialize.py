@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from compress.errors import UserError
 from compress.io import atomic_torch_save
-from compress.models.factory import create_model, load_checkpoint, read_state_dict
+from compress.models.factory import create_model, load_checkpoint, read_checkpoint
+from compress.models.meta import parse_meta
 from compress.models.transforms import apply_transform
 
 __all__ = ["save_model", "load_model", "read_model_meta"]
@@ -43,30 +44,43 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
 
 
 def read_model_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of a model file; a bare state dict gives ``{}``."""
-    read_state_dict(path)  # validates the file (exists, readable, no code)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("meta"), str):
-        return json.loads(obj["meta"])
-    return {}
+    """The checked metadata of a model file (:func:`compress.models.meta.check_meta`); a bare
+    state dict gives ``{}``.
+
+    Raises:
+        UserError: the file is missing, unreadable or carries code, or its metadata is damaged.
+    """
+    return parse_meta(read_checkpoint(path)[1], f"model file {str(path)!r}")
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model written by :func:`save_model` (or a training checkpoint) and load its weights.
+
+    The file is untrusted: its metadata is checked (types, an input size and class count within
+    bounds) before the model is built, and a transform that cannot be replayed is an error naming
+    the file and the transform.
 
     Returns:
         ``(model, meta)`` with the model in eval mode on ``device``.
     """
     from compress.compression import afcc, blocks, dilute, trim  # noqa: F401  (register the transforms)
 
-    meta = read_model_meta(path)
+    source = f"model file {str(path)!r}"
+    checkpoint = read_checkpoint(path)
+    meta = parse_meta(checkpoint[1], source)
     if "model" not in meta:
         raise UserError(f"{str(path)!r} carries no model description; pass --model and its options with the checkpoint")
     c, h, _ = meta.get("input_size", [3, 32, 32])
-    model = create_model(meta["model"], num_classes=meta.get("num_classes", len(meta.get("label_names", [])) or 10),
-                         in_chans=c, img_size=h, **meta.get("options", {}))
-    for spec in meta.get("transforms", []):
-        model = apply_transform(model, spec)
+    classes = meta.get("num_classes", len(meta.get("label_names", [])) or 10)
+    try:
+        model = create_model(meta["model"], num_classes=classes, in_chans=c, img_size=h, **meta.get("options", {}))
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    for i, spec in enumerate(meta.get("transforms", [])):
+        try:
+            model = apply_transform(model, spec)
+        except UserError as e:
+            raise UserError(f"{source}: transforms[{i}]: {e}; the file is damaged or from another version") from None
     model.compress_transforms = list(meta.get("transforms", []))  # replays may record on their own
-    load_checkpoint(model, path)
+    load_checkpoint(model, path, checkpoint=checkpoint)
     return model.to(device).eval(), meta

@@ -1,19 +1,30 @@
 """Depth trimming: cut the network right after a tap (the accuracy plateau) and let that tap's
-trained probe become the new output layer."""
+trained probe become the new output layer.
+
+Two forms of the same cut, chosen by :func:`trim_model`:
+
+- :func:`trim_at`, the own VGGs' form (an ``nn.Sequential`` trunk followed by an
+  ``nn.Sequential`` ``head``): the trunk is truncated after the tap and ``head`` becomes
+  ``Sequential(out=Linear)``, recorded as a ``trim`` transform;
+- :func:`compress.compression.cut.cut_at` for every other model (timm, torchvision, registered
+  models), and for any model when the head is a global-pooling one or the probe saw a pooled
+  tap: the forward pass stops at the tap and ``trim_head`` gives the logits, recorded as ``cut``.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
+from compress.compression.cut import CUT_HEAD, HeadKind, cut_at
 from compress.errors import UserError
-from compress.models.transforms import record_transform, register_transform
 from compress.models.introspect import input_size_of, set_module
+from compress.models.transforms import record_transform, register_transform
 
-__all__ = ["trim_at", "trim_report"]
+__all__ = ["trim_at", "trim_model", "head_path", "sequential_trunk", "trim_report"]
 
 
 def _sequential_split(model: nn.Module, tap: str) -> tuple[str, nn.Sequential, int]:
@@ -73,10 +84,56 @@ def _replay_trim(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     return model
 
 
+def sequential_trunk(model: nn.Module, tap: str) -> bool:
+    """True when :func:`trim_at` can cut ``model`` at ``tap``: the tap is a direct child of an
+    ``nn.Sequential`` trunk and the model's ``head`` is an ``nn.Sequential`` ending in its
+    classifier (the own VGGs)."""
+    parent, _, child = tap.rpartition(".")
+    try:
+        trunk = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return False
+    head = getattr(model, "head", None)
+    return (isinstance(trunk, nn.Sequential) and child in trunk._modules and isinstance(head, nn.Sequential)
+            and len(head) > 0 and hasattr(model, "get_classifier") and model.get_classifier() is head[-1])
+
+
+def trim_model(model: nn.Module, tap: str, head_weight: torch.Tensor | None = None, *, head: HeadKind = "probe",
+               pool: int | None = None, input_size: Sequence[int] | None = None) -> nn.Module:
+    """Cut ``model`` after ``tap`` with the tap's probe as the head, in the form that fits it.
+
+    The own VGGs with a probe on the unpooled tap keep :func:`trim_at` (``head.out``); every
+    other case is :func:`compress.compression.cut.cut_at` (``trim_head.out``).
+
+    Args:
+        model: the network, changed in place.
+        tap: module path of the cut.
+        head_weight: the tap's trained probe (K, D) or (K, C, H, W).
+        head: ``probe`` (the probe itself) or ``pool`` (global average pooling and a linear layer
+            initialised from the probe, to be fine-tuned).
+        pool: the ``tap_pool`` the probe was trained with.
+        input_size: (C, H, W) of the model's inputs (default: the model's own).
+    """
+    if head == "probe" and (pool or 1) == 1 and sequential_trunk(model, tap):
+        return trim_at(model, tap, head_weight)
+    return cut_at(model, tap, head_weight, head=head, pool=pool, input_size=input_size)
+
+
+def head_path(model: nn.Module) -> str | None:
+    """Module path of the linear head a trim left (``head.out`` or ``trim_head.out``), else ``None``."""
+    specs = [t for t in getattr(model, "compress_transforms", []) if t.get("kind") in ("trim", "cut")]
+    if not specs:
+        return None
+    return f"{CUT_HEAD}.out" if specs[-1]["kind"] == "cut" else "head.out"
+
+
 def trim_report(before: nn.Module, after: nn.Module, tap: str) -> dict[str, Any]:
-    """Which modules the cut removed (by name) and the parameter counts before and after."""
-    kept = {n for n, _ in after.named_modules()}
-    removed = [n for n, m in before.named_modules() if n and n not in kept and not list(m.children())]
+    """Which modules the cut removed (the outermost ones, by name) and the parameter counts before and after."""
+    kept = {n for n, m in after.named_modules() if not isinstance(m, nn.Identity)}
+    removed: list[str] = []
+    for n, m in before.named_modules():
+        if n and n not in kept and not isinstance(m, nn.Identity) and not any(n.startswith(r + ".") for r in removed):
+            removed.append(n)
     return {"tap": tap, "removed_modules": removed,
             "params_before": sum(p.numel() for p in before.parameters()),
             "params_after": sum(p.numel() for p in after.parameters())}

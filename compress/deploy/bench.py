@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,12 +17,12 @@ import torch
 import torch.nn as nn
 
 from compress.data import DataBundle
-from compress.errors import UserError
+from compress.errors import UserError, shorten
 from compress.deploy.export import check_data_fits, export_and_verify, load_onnx, onnx_metadata
-from compress.io import atomic_write_text, ensure_writable_dir
+from compress.io import atomic_write_text, run_folder_lock
 from compress.models.introspect import count_flops, count_params
 from compress.system import environment
-from compress.deploy.predict import normalize_pixels, open_session, read_deploy_meta
+from compress.deploy.predict import normalize_pixels, open_session, parse_deploy_props, read_deploy_meta
 
 __all__ = ["BACKENDS", "LatencyStats", "Candidate", "BenchResult", "count_params", "count_flops",
            "measure_latency", "time_interleaved", "torch_runner", "ort_runner", "available_backends",
@@ -33,6 +34,7 @@ GENERIC_NAMES = {"model", "checkpoint", "best", "last"}
 # model timed next
 ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 ModelRef = str | os.PathLike | tuple  # a file, or an in-memory ``(name, model, meta)``
+MAX_BATCH_BYTES = 2 << 30  # one timed input batch
 
 
 @dataclass
@@ -184,7 +186,10 @@ def available_backends() -> list[str]:
 def _names(models: Sequence[Any], names: Sequence[str] | None) -> list[str]:
     if names:
         if len(names) != len(models) or len(set(names)) != len(names):
-            raise UserError(f"--names needs {len(models)} distinct names, one per model (got {list(names)})")
+            raise UserError(f"--names needs {len(models)} distinct names, one per model (got {shorten(list(names))})")
+        for name in names:
+            if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+                raise UserError(f"--names {shorten(name)}: a display name is 1 to 200 printable characters")
         return list(names)
     out: list[str] = []
     for item in models:
@@ -200,20 +205,35 @@ def _names(models: Sequence[Any], names: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _meta_from_onnx(props: dict[str, str]) -> dict[str, Any]:
-    meta: dict[str, Any] = {"model": props.get("model", ""), "dataset": props.get("dataset", "")}
-    for key in ("input_size", "label_names", "mean", "std"):
-        if key in props:
-            meta[key] = json.loads(props[key])
-    if "label_names" in meta:
-        meta["num_classes"] = len(meta["label_names"])
-    return meta
+def _meta_from_onnx(props: dict[str, str], path: str | os.PathLike) -> dict[str, Any]:
+    """A model file's ``meta`` keys from an ONNX file's checked deployment metadata."""
+    parsed = parse_deploy_props(props, str(path))
+    return {"model": props.get("model", ""), "dataset": props.get("dataset", ""),
+            "input_size": parsed["input_size"], "label_names": parsed["label_names"], "mean": parsed["mean"],
+            "std": parsed["std"], "num_classes": len(parsed["label_names"])}
+
+
+def _count(props: dict[str, str], key: str) -> int | None:
+    """A non-negative integer the ONNX metadata records (``params``, ``flops``), else ``None``."""
+    value = props.get(key, "")
+    return int(value) if value.isdigit() and len(value) < 20 else None
+
+
+def _check_onnx_weights(proto, path: str | os.PathLike) -> None:
+    """Refuse an ONNX file whose floating-point weights hold a NaN or an infinity."""
+    from onnx import numpy_helper
+
+    for t in proto.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise UserError(f"ONNX file {str(path)!r} has non-finite weights (NaN or infinite) in {t.name!r}; its "
+                            f"outputs are meaningless: train the model again and export it")
 
 
 def read_model_file_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a model file / checkpoint, or the one an ONNX file carries (same keys)."""
     if str(path).lower().endswith(".onnx"):
-        return _meta_from_onnx(onnx_metadata(load_onnx(path)))
+        return _meta_from_onnx(onnx_metadata(load_onnx(path)), path)
     from compress.compression.serialize import read_model_meta
 
     return read_model_meta(path)
@@ -230,28 +250,47 @@ def load_candidates(models: Sequence[ModelRef], workdir: str | Path, *, names: S
     if not models:
         raise UserError("give at least one model (a model file, checkpoint or ONNX file)")
     out: list[Candidate] = []
-    for name, item in zip(_names(models, names), models):
+    names = _names(models, names)
+    files = dict(zip(names, _file_names(names)))
+    for name, item in zip(names, models):
         if isinstance(item, tuple):
-            out.append(_exported(name, f"<in memory: {item[0]}>", item[1], item[2], workdir, verify_data, tol))
+            out.append(_exported(name, f"<in memory: {item[0]}>", item[1], item[2], workdir, verify_data, tol,
+                                 files[name]))
         elif str(item).lower().endswith(".onnx"):
             proto = load_onnx(item)
             props = onnx_metadata(proto)
-            params = int(props["params"]) if "params" in props else sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-            flops = int(props["flops"]) if "flops" in props else None
-            out.append(Candidate(name, str(item), str(item), _meta_from_onnx(props), params, flops,
+            meta = _meta_from_onnx(props, item)
+            _check_onnx_weights(proto, item)
+            params = _count(props, "params")
+            if params is None:
+                params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+            out.append(Candidate(name, str(item), str(item), meta, params, _count(props, "flops"),
                                  os.path.getsize(item)))
         else:
             model, meta = load_model(item)
-            out.append(_exported(name, str(item), model, meta, workdir, verify_data, tol))
+            out.append(_exported(name, str(item), model, meta, workdir, verify_data, tol, files[name]))
+    return out
+
+
+def _file_names(names: Sequence[str]) -> list[str]:
+    """A plain, distinct file name per display name: a name never places a file outside the
+    ``onnx/`` folder (no separators, no leading dot) and never reaches 100 characters."""
+    out: list[str] = []
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:90] or "model"
+        stem, i = base, 2
+        while stem in out:
+            stem, i = f"{base}_{i}", i + 1
+        out.append(stem)
     return out
 
 
 def _exported(name: str, source: str, model: nn.Module, meta: dict[str, Any], workdir: str | Path,
-              verify_data: DataBundle | None, tol: float) -> Candidate:
+              verify_data: DataBundle | None, tol: float, file_name: str) -> Candidate:
     params, flops = count_params(model), count_flops(model, meta["input_size"])
     data = verify_data if verify_data is not None else torch.zeros(2, *meta["input_size"])
-    check = export_and_verify(model, meta, Path(workdir) / "onnx" / f"{name}.onnx", data, tol=tol, max_samples=64,
-                              extra_meta={"params": params, "flops": flops})
+    check = export_and_verify(model, meta, Path(workdir) / "onnx" / f"{file_name}.onnx", data, tol=tol, max_samples=64,
+                              extra_meta={"params": params, "flops": flops}, what=f"model {name!r} ({source})")
     return Candidate(name, source, check["path"], meta, params, flops, check["file_size"], model,
                      {k: check[k] for k in ("samples", "max_abs_diff", "argmax_agreement")})
 
@@ -329,8 +368,34 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
         backends: subset of :data:`BACKENDS` (default: all this machine has).
         threads: CPU threads of PyTorch and onnxruntime (default: PyTorch's current count for both).
         tol: export verification tolerance.
+
+    The folder is locked for the run (:func:`compress.io.run_folder_lock`); the settings are
+    checked before any model is loaded.
     """
-    out = ensure_writable_dir(out)
+    _check_settings(batch_sizes, warmup, repeats, threads, tol)
+    with run_folder_lock(out) as out:
+        return _run_bench(models, bundle, out, names=names, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
+                          backends=backends, threads=threads, tol=tol)
+
+
+def _check_settings(batch_sizes: Sequence[int], warmup: int, repeats: int, threads: int | None, tol: float) -> None:
+    """Refuse settings no benchmark can run with, before any model is loaded."""
+    import math
+
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise UserError(f"batch sizes must be positive integers (got {list(batch_sizes)})")
+    if repeats < 1 or warmup < 0:
+        raise UserError(f"repeats must be at least 1 and warm-up at least 0 (got {repeats}, {warmup})")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads {threads}: must be at least 1 (or left out: the libraries' own count)")
+    if not (math.isfinite(tol) and tol > 0):
+        raise UserError(f"tolerance {tol}: must be a positive finite number, e.g. 1e-3")
+
+
+def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, names: Sequence[str] | None,
+               batch_sizes: Sequence[int], warmup: int, repeats: int, backends: Sequence[str] | None,
+               threads: int | None, tol: float) -> BenchResult:
+    """:func:`run_bench` in its locked folder."""
     have = available_backends()
     backends = list(backends or have)
     unknown = [b for b in backends if b not in BACKENDS]
@@ -341,11 +406,13 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
     missing = [b for b in backends if b not in have]
     if missing:
         raise UserError(f"backend {missing[0]!r} is not available here (available: {', '.join(have)})")
-    if not batch_sizes or any(b < 1 for b in batch_sizes):
-        raise UserError(f"batch sizes must be positive integers (got {list(batch_sizes)})")
     cands = load_candidates(models, out, names=names, verify_data=bundle, tol=tol)
     for c in cands:
         check_data_fits(c.meta, bundle, f"model {c.name!r}")
+        need = max(batch_sizes) * int(np.prod(c.meta["input_size"])) * 4
+        if need > MAX_BATCH_BYTES:
+            raise UserError(f"a batch of {max(batch_sizes)} inputs of {'x'.join(map(str, c.meta['input_size']))} "
+                            f"takes {need / 2**30:.1f} GiB; use smaller --batch-sizes")
     before = torch.get_num_threads()
     threads = threads or before
     latency: dict[str, dict[str, Any]] = {c.name: {} for c in cands}

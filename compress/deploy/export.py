@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -22,8 +23,9 @@ import torch.nn as nn
 
 from compress._version import __version__
 from compress.data import DataBundle, load_data
-from compress.errors import UserError
-from compress.io import atomic_write_bytes
+from compress.errors import UserError, clip, shorten
+from compress.io import atomic_write_bytes, staged_file
+from compress.models.introspect import check_finite
 from compress.deploy.predict import open_session
 
 __all__ = ["OPSET", "ExportMismatchError", "deploy_metadata", "export_onnx", "check_onnx", "load_onnx",
@@ -96,8 +98,9 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike,
     """
     import onnx
 
-    if opset < 17:
-        raise UserError(f"opset {opset} is too old; use 17 or newer")
+    newest = onnx.defs.onnx_opset_version()
+    if not OPSET <= opset <= newest:
+        raise UserError(f"opset {opset} is not one this exporter writes; use {OPSET} to {newest}")
     c, h, w = (int(v) for v in meta["input_size"])
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -111,6 +114,9 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike,
             torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as e:
+        raise UserError(f"the model cannot be exported to ONNX opset {opset} ({type(e).__name__}: "
+                        f"{clip(str(e), 160)})") from None
     finally:
         model.train(was_training)
     proto = onnx.load_from_string(buf.getvalue())
@@ -227,21 +233,37 @@ def verify_onnx(onnx_path: str | os.PathLike, model: nn.Module, data: DataBundle
 
 def export_and_verify(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike, data: DataBundle | torch.Tensor,
                       *, opset: int = OPSET, tol: float = 1e-3, max_samples: int = 256,
-                      extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Export, check and verify; a file that fails verification is removed and the error raised.
+                      extra_meta: dict[str, Any] | None = None, what: str = "the model") -> dict[str, Any]:
+    """Export, check and verify, then put the file in place: it is written to a temporary name and
+    renamed to ``path`` only once verified, so a failure leaves an earlier ``path`` untouched.
+
+    Args:
+        what: the model in messages (e.g. ``model file 'runs/x/model.pt'``).
 
     Returns:
         The :func:`verify_onnx` figures plus ``path``, ``file_size`` (bytes) and ``opset``.
+
+    Raises:
+        UserError: non-finite weights, data that does not fit, an export or verification failure.
     """
+    if not isinstance(max_samples, int) or max_samples < 1:
+        raise UserError(f"verify samples {shorten(max_samples)}: must be at least 1; an export is written only "
+                        f"once verified against PyTorch on test inputs")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise UserError(f"tolerance {shorten(tol)}: must be a positive finite number, e.g. 1e-3")
+    check_finite(model, what)
     if isinstance(data, DataBundle):
         check_data_fits(meta, data, f"model {meta['model']!r}" if meta.get("model") else "the model")
-    path = export_onnx(model, meta, path, opset=opset, extra_meta=extra_meta)
-    try:
-        result = verify_onnx(path, model, data, tol=tol, max_samples=max_samples)
-    except ExportMismatchError as e:
-        path.unlink(missing_ok=True)
-        raise ExportMismatchError(f"{e}; {str(path)!r} was removed (raise --tol only if the difference is expected)") from None
-    return {**result, "path": str(path), "file_size": path.stat().st_size, "opset": opset}
+    path = Path(path)
+    with staged_file(path) as tmp:
+        export_onnx(model, meta, tmp, opset=opset, extra_meta=extra_meta)
+        try:
+            result = verify_onnx(tmp, model, data, tol=tol, max_samples=max_samples)
+        except ExportMismatchError as e:
+            raise ExportMismatchError(f"{e}; {str(path)!r} was not written (an earlier file there is kept; raise "
+                                      f"--tol only if the difference is expected)") from None
+        size = tmp.stat().st_size
+    return {**result, "path": str(path), "file_size": size, "opset": opset}
 
 
 def check_data_fits(meta: dict[str, Any], bundle: DataBundle, what: str = "the model") -> None:

@@ -17,6 +17,7 @@ all strings; JSON where noted) is written by :func:`compress.deploy.export.expor
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from compress.errors import UserError
+from compress.errors import UserError, shorten
+from compress.images import decode_image
 
-__all__ = ["DEPLOY_KEYS", "DeployMeta", "open_session", "read_deploy_meta", "normalize_pixels", "preprocess_images", "softmax",
-           "predict_images", "session_providers"]
+__all__ = ["DEPLOY_KEYS", "DeployMeta", "open_session", "read_deploy_meta", "parse_deploy_props", "normalize_pixels",
+           "preprocess_images", "softmax", "predict_images", "session_providers"]
 
 DEPLOY_KEYS = ("input_size", "channel_order", "scale", "mean", "std", "label_names")
+MAX_SIDE = 4096  # pixels of an input's height or width
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 1000
+MAX_BATCH_BYTES = 256 << 20  # one input batch
 
 
 @dataclass(frozen=True)
@@ -107,49 +113,83 @@ def open_session(path: str | os.PathLike, device: str = "cpu", threads: int | No
 def _json(meta: dict[str, str], key: str, path: str):
     try:
         return json.loads(meta[key])
-    except (json.JSONDecodeError, TypeError):
-        raise UserError(f"ONNX file {path!r}: metadata {key!r} is not valid JSON ({meta[key][:60]!r})") from None
+    except (ValueError, TypeError, RecursionError):
+        raise UserError(f"ONNX file {path!r}: metadata {key!r} is not valid JSON ({shorten(meta[key], 60)})") from None
 
 
-def read_deploy_meta(session, path: str | os.PathLike = "<onnx>") -> DeployMeta:
-    """Parse and check the deployment metadata of an open session (see the module docstring)."""
-    path = str(path)
-    props = dict(session.get_modelmeta().custom_metadata_map)
+def _finite_numbers(values: Any, n: int, positive: bool = False) -> bool:
+    return (isinstance(values, list) and len(values) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            and (not positive or all(v > 0 for v in values)))
+
+
+def parse_deploy_props(props: dict[str, str], path: str) -> dict[str, Any]:
+    """Check the deployment metadata of an ONNX file (the strings of ``metadata_props``) and
+    return it parsed: ``input_size``, ``channel_order``, ``scale``, ``mean``, ``std``,
+    ``label_names``. Every value is untrusted: types, sizes (an input of at most
+    :data:`MAX_SIDE` pixels a side, at most :data:`MAX_LABELS` labels) and numbers are checked
+    before anything is allocated from them.
+
+    Raises:
+        UserError: naming the file, the key and what is valid.
+    """
     missing = [k for k in DEPLOY_KEYS if k not in props]
     if missing:
         raise UserError(f"ONNX file {path!r} lacks the deployment metadata {', '.join(missing)}; "
                         f"export it with `compress export` so that it carries its preprocessing and labels")
     size = _json(props, "input_size", path)
     mean, std, labels = (_json(props, k, path) for k in ("mean", "std", "label_names"))
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
-        raise UserError(f"ONNX file {path!r}: input_size {props['input_size']!r} is not [C, H, W]")
-    if not all(isinstance(v, list) for v in (mean, std, labels)):
-        raise UserError(f"ONNX file {path!r}: metadata mean, std and label_names must be JSON lists")
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in size)
+            and size[0] in (1, 3) and all(1 <= v <= MAX_SIDE for v in size[1:])):
+        raise UserError(f"ONNX file {path!r}: metadata input_size {shorten(props['input_size'])} is not [C, H, W] "
+                        f"with C 1 or 3 and 1 <= H, W <= {MAX_SIDE}")
     c = size[0]
-    if c not in (1, 3) or len(mean) != c or len(std) != c or any(float(s) == 0 for s in std):
-        raise UserError(f"ONNX file {path!r}: {c} input channels with mean {mean} and std {std} do not fit")
+    if not _finite_numbers(mean, c) or not _finite_numbers(std, c, positive=True):
+        raise UserError(f"ONNX file {path!r}: metadata mean {shorten(mean)} and std {shorten(std)} must be {c} "
+                        f"finite numbers each (std above 0), one per input channel")
+    if (not isinstance(labels, list) or not 1 <= len(labels) <= MAX_LABELS
+            or not all(isinstance(v, str) and len(v) <= MAX_LABEL_CHARS for v in labels)):
+        raise UserError(f"ONNX file {path!r}: metadata label_names {shorten(labels)} is not a list of 1 to "
+                        f"{MAX_LABELS:,} names of at most {MAX_LABEL_CHARS} characters")
     order = props["channel_order"].upper()
     if order not in ("RGB", "BGR"):
-        raise UserError(f"ONNX file {path!r}: channel_order {order!r} is not RGB or BGR")
+        raise UserError(f"ONNX file {path!r}: channel_order {shorten(props['channel_order'])} is not RGB or BGR")
+    try:
+        scale = float(props["scale"])
+    except ValueError:
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"ONNX file {path!r}: scale {shorten(props['scale'])} is not a positive finite number")
+    return {"input_size": size, "channel_order": order, "scale": scale, "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "label_names": labels}
+
+
+def read_deploy_meta(session, path: str | os.PathLike = "<onnx>") -> DeployMeta:
+    """Parse and check the deployment metadata of an open session (see the module docstring)."""
+    path = str(path)
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    parsed = parse_deploy_props(props, path)
+    size, labels = parsed["input_size"], parsed["label_names"]
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise UserError(f"ONNX file {path!r} has {len(inputs)} inputs; an image classifier has one")
     graph_shape = list(inputs[0].shape)
     static = [d for d in graph_shape[1:] if isinstance(d, int)]
     if len(graph_shape) != 4 or (len(static) == 3 and static != size):
-        raise UserError(f"ONNX file {path!r}: graph input shape {graph_shape} does not fit its metadata "
+        raise UserError(f"ONNX file {path!r}: graph input shape {shorten(graph_shape)} does not fit its metadata "
                         f"input_size {size}")
-    out_dim = outputs[0].shape[-1] if outputs[0].shape else None
+    out_dim = outputs[0].shape[-1] if outputs and outputs[0].shape else None
     if isinstance(out_dim, int) and out_dim != len(labels):
         raise UserError(f"ONNX file {path!r}: {out_dim} outputs but {len(labels)} label names")
-    try:
-        scale = float(props["scale"])
-    except ValueError:
-        raise UserError(f"ONNX file {path!r}: scale {props['scale']!r} is not a number") from None
+    fixed = graph_shape[0] if isinstance(graph_shape[0], int) else None
+    if fixed is not None and not 1 <= fixed * math.prod(size) * 4 <= MAX_BATCH_BYTES:
+        raise UserError(f"ONNX file {path!r}: its graph takes batches of exactly {fixed:,} images of "
+                        f"{'x'.join(map(str, size))}, more than {MAX_BATCH_BYTES >> 20} MiB a batch; export it with "
+                        f"a dynamic batch axis (`compress export` does)")
     extra = {k: v for k, v in props.items() if k not in DEPLOY_KEYS}
-    return DeployMeta(tuple(size), order, scale, tuple(float(v) for v in mean), tuple(float(v) for v in std),
-                      tuple(str(v) for v in labels), inputs[0].name, outputs[0].name,
-                      graph_shape[0] if isinstance(graph_shape[0], int) else None, extra)
+    return DeployMeta(tuple(size), parsed["channel_order"], parsed["scale"], tuple(parsed["mean"]),
+                      tuple(parsed["std"]), tuple(labels), inputs[0].name, outputs[0].name, fixed, extra)
 
 
 def normalize_pixels(pixels: np.ndarray, meta: DeployMeta) -> np.ndarray:
@@ -164,22 +204,12 @@ def normalize_pixels(pixels: np.ndarray, meta: DeployMeta) -> np.ndarray:
 
 
 def preprocess_images(files: Sequence[str | os.PathLike], meta: DeployMeta) -> np.ndarray:
-    """Image files -> float32 batch ``(N, C, H, W)`` exactly as the metadata says."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Image files -> float32 batch ``(N, C, H, W)`` exactly as the metadata says (decoded as
+    :func:`compress.images.decode_image` does for the training data)."""
     c, h, w = meta.input_size
     pixels = np.empty((len(files), c, h, w), dtype=np.uint8)
     for i, f in enumerate(files):
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                pixels[i] = np.asarray(im, dtype=np.uint8).reshape(h, w, c).transpose(2, 0, 1)
-        except FileNotFoundError:
-            raise UserError(f"image file {str(f)!r} does not exist") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"image file {str(f)!r} cannot be decoded ({e.__class__.__name__})") from None
+        pixels[i] = decode_image(f, c, (w, h)).transpose(2, 0, 1)
     return normalize_pixels(pixels, meta)
 
 
@@ -203,7 +233,8 @@ def predict_images(onnx_path: str | os.PathLike, files: Sequence[str | os.PathLi
         raise UserError("give at least one image file")
     sess = open_session(onnx_path, device)
     meta = read_deploy_meta(sess, onnx_path)
-    batch_size = meta.fixed_batch or batch_size
+    per_image = math.prod(meta.input_size) * 4
+    batch_size = meta.fixed_batch or max(1, min(batch_size, MAX_BATCH_BYTES // per_image))
     results = []
     for start in range(0, len(files), batch_size):
         chunk = list(files[start:start + batch_size])

@@ -17,7 +17,7 @@ import torch.nn as nn
 from compress.errors import UserError, unknown_name
 
 __all__ = ["count_params", "count_nonzero", "count_flops", "input_size_of", "set_input_size", "get_module",
-           "set_module", "match_modules"]
+           "set_module", "match_modules", "non_finite", "check_finite"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -28,6 +28,30 @@ def count_params(model: nn.Module) -> int:
 def count_nonzero(model: nn.Module) -> int:
     """Parameters that are not exactly zero (weights held at zero by a mask are left out)."""
     return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def non_finite(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding a NaN or an infinity."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse a model with NaN or infinite weights: what it computes is garbage.
+
+    Args:
+        model: the network.
+        what: the model in the message (``"model file 'runs/x/model.pt'"``) and what was refused
+            (``"; it cannot be exported"``).
+
+    Raises:
+        UserError: naming ``what`` and the first tensors at fault.
+    """
+    bad = non_finite(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise UserError(f"{what} has non-finite weights (NaN or infinite) in {shown}; its outputs are meaningless: "
+                        f"train it again (a lower learning rate keeps training from diverging)")
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> int:

@@ -15,8 +15,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from compress.errors import UserError
+from compress.checks import integer, number
+from compress.errors import OptionError, UserError, shorten
 from compress.models.registry import register_model
+
+MAX_WIDTH = 16.0  # width multiplier
+MAX_FC = 65_536  # units of one hidden FC layer
+MAX_FC_LAYERS = 16
 
 # (out_channels, pooling after this conv: None | ("max", k) | ("avg", k))
 _VGG16 = [(64, None), (64, ("max", 2)), (128, None), (128, ("max", 2)), (256, None), (256, None),
@@ -128,3 +133,32 @@ def avgg16(*, fc_hidden: Sequence[int] | None = None, **kwargs) -> VGG:
     At 32x32 input the head sees 512 x 4 x 4 = 8,192 inputs.
     """
     return VGG(_AVGG16, fc_hidden=_head(fc_hidden, (4096, 4096)), **kwargs)
+
+
+def check_options(options: dict) -> None:
+    """Refuse bad options of the own VGGs before anything is built (``width``, ``batch_norm``,
+    ``fc_hidden``), each named ``options.<key>``.
+
+    Raises:
+        OptionError: an unknown option, a non-finite or out-of-range width, a bad hidden width.
+    """
+    valid = ("width", "batch_norm", "fc_hidden")
+    for key in options:
+        if key not in valid:
+            raise OptionError("options", f"{shorten(key)}: not an option of the own VGGs; valid: {', '.join(valid)}")
+    if "width" in options:
+        number("options.width", options["width"], low=0, high=MAX_WIDTH, low_open=True,
+               hint="the width multiplier: 1.0 is the papers' width, 0.25 CPU scale")
+    if "batch_norm" in options and not isinstance(options["batch_norm"], bool):
+        raise OptionError("options.batch_norm", f"{shorten(options['batch_norm'])}: expected true or false")
+    hidden = options.get("fc_hidden")
+    if hidden is not None:
+        if not isinstance(hidden, (list, tuple)) or len(hidden) > MAX_FC_LAYERS:
+            raise OptionError("options.fc_hidden", f"{shorten(hidden)}: expected a list of at most {MAX_FC_LAYERS} "
+                                                   f"hidden widths, e.g. [4096, 4096], or [] for none")
+        for h in hidden:
+            integer("options.fc_hidden", h, low=1, high=MAX_FC, hint="every hidden FC width is a positive integer")
+
+
+for _builder in (vgg16, vgg6, avgg16):
+    _builder.check_options = check_options  # type: ignore[attr-defined]

@@ -27,8 +27,8 @@ import yaml
 
 from compress.config import to_dict
 from compress.data import DataBundle
-from compress.io import atomic_write_text, ensure_writable_dir
-from compress.jobs import analyze, build_model, model_meta, train
+from compress.io import atomic_write_text, run_folder_lock
+from compress.jobs import analyze, build_model, check_resume, model_meta, train
 from compress.recipe.schema import Recipe
 from compress.recipe.state import RunState, measure
 from compress.system import environment
@@ -37,10 +37,10 @@ from compress.training import evaluate
 __all__ = ["run_recipe", "dry_run"]
 
 
-def _obtain_model(recipe: Recipe, out: Path, progress: bool) -> tuple[nn.Module, DataBundle]:
+def _obtain_model(recipe: Recipe, out: Path, progress: bool, resume: bool) -> tuple[nn.Module, DataBundle]:
     cfg = recipe.model.config()
     if recipe.model.train is not None:  # from scratch, or transfer learning from a checkpoint / pretrained weights
-        model, _, bundle = train(cfg, recipe.data, recipe.model.train, out / "train", progress=progress)
+        model, _, bundle = train(cfg, recipe.data, recipe.model.train, out / "train", resume=resume, progress=progress)
         return model, bundle
     bundle = recipe.data.load()
     return build_model(cfg, bundle), bundle
@@ -51,30 +51,51 @@ def _write_summary(state: RunState, records: list[dict[str, Any]]) -> None:
     atomic_write_text(state.out / "summary.json", json.dumps(doc, indent=2, default=str))
 
 
-def _start(recipe: Recipe, out: Path, progress: bool) -> RunState:
+def _start(recipe: Recipe, out: Path, progress: bool, resume: bool) -> RunState:
     """Train or load the model, analyse it and save it as the run's ``original``."""
-    model, bundle = _obtain_model(recipe, out, progress)
+    model, bundle = _obtain_model(recipe, out, progress, resume)
     result = analyze(recipe.model.config(), recipe.data, recipe.analysis, out / "analysis", model=model, bundle=bundle,
                      progress=progress)
     state = RunState(recipe, model, bundle.for_choices(recipe.analysis.split), model_meta(recipe.model.config(), bundle),
-                     result, out, progress, report_data=bundle)
+                     result, out, progress, report_data=bundle, resume=resume)
     original = str(state.save_current(out / "steps" / "00-original" / "model.pt"))
     state.artifacts["original"] = state.models["original"] = original
     return state
 
 
-def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True, resume: bool = True) -> dict[str, Any]:
     """Carry out ``recipe`` and write its run folder (see the module docstring).
 
     Every intermediate model is saved as soon as its step ends, and ``summary.json`` is rewritten
-    after every step, so a failure keeps everything finished before it.
+    after every step, so a failure keeps everything finished before it. The folder is locked for
+    the run; with ``resume``, a folder holding a run of another recipe (its ``recipe.yaml``) is
+    refused before anything is written, and the training and fine-tuning checkpoints of the same
+    recipe are continued.
 
     Returns:
         The summary (also in ``summary.json``).
     """
-    out = ensure_writable_dir(out)
-    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    state = _start(recipe, out, progress)
+    with run_folder_lock(out) as out:
+        resolved = yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        if resume and (out / "recipe.yaml").is_file():
+            check_resume(out / "recipe.yaml", resolved, "recipe settings")
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        state = _start(recipe, out, progress, resume)
+        records = _run_steps(recipe, state, out)
+        state.artifacts["final"] = state.models["final"] = str(state.save_current(out / "model.pt"))
+        for record in (records[0], records[-1]):  # the test split reports the two models the run is about, once each
+            model = state.model if record is records[-1] else _load(state.models["original"], state.model)
+            record["test_accuracy"] = evaluate(model, state.report_data)
+        _write_summary(state, records)
+        from compress.reports.run import write_run_report
+
+        write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
+        return json.loads((out / "summary.json").read_text())
+
+
+def _run_steps(recipe: Recipe, state: RunState, out: Path) -> list[dict[str, Any]]:
+    """Apply every step in order, measuring and saving the model after each one that changes it;
+    returns one record per model state (the original first)."""
     current = measure(state.model, state.bundle)
     records: list[dict[str, Any]] = [{"step": "original", "after": current, "info": {}}]
     _write_summary(state, records)
@@ -93,15 +114,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dic
                         "seconds": time.perf_counter() - t0})
         current = after
         _write_summary(state, records)
-    state.artifacts["final"] = state.models["final"] = str(state.save_current(out / "model.pt"))
-    for record in (records[0], records[-1]):  # the test split reports the two models the run is about, once each
-        model = state.model if record is records[-1] else _load(state.models["original"], state.model)
-        record["test_accuracy"] = evaluate(model, state.report_data)
-    _write_summary(state, records)
-    from compress.reports.run import write_run_report
-
-    write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
-    return json.loads((out / "summary.json").read_text())
+    return records
 
 
 def _load(path: str, like: nn.Module) -> nn.Module:

@@ -26,18 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from compress import yamlsafe
 from compress.analysis import AnalysisConfig
 from compress.config import from_dict, to_dict
 from compress.data import DataConfig
-from compress.errors import UserError, unknown_name
+from compress.errors import UserError, clip, shorten, unknown_name
 from compress.models import ModelConfig, create_model
 from compress.recipe import steps as builtin_steps
 from compress.recipe.step import CheckContext, Step, get_step, list_steps
 from compress.training import TrainConfig
 
-__all__ = ["Recipe", "RecipeModel", "load_recipe", "parse_recipe", "apply_overrides"]
+__all__ = ["Recipe", "RecipeModel", "load_recipe", "parse_recipe", "apply_overrides", "check_name"]
+
+MAX_NAME = 100  # characters of a recipe name (it becomes a folder name)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def _parse_steps(steps: Any) -> tuple[Step, ...]:
     if steps is None:
         return ()
     if not isinstance(steps, list):
-        raise UserError(f"recipe.steps: expected a list of one-key mappings like '- trim: {{tap: plateau}}', got {steps!r}")
+        raise UserError(f"recipe.steps: expected a list of one-key mappings like '- trim: {{tap: plateau}}', got "
+                        f"{shorten(steps)}")
     builtin_steps.load_plugins()
     out = []
     for i, item in enumerate(steps):
@@ -91,7 +93,8 @@ def _parse_steps(steps: Any) -> tuple[Step, ...]:
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise UserError(f"{where}: expected a one-key mapping like '- finetune: {{epochs: 3}}', got {item!r}")
+            raise UserError(f"{where}: expected a one-key mapping like '- finetune: {{epochs: 3}}', got "
+                            f"{shorten(item)}")
         (name, opts), = item.items()
         cls = get_step(str(name))
         if cls is None:
@@ -104,13 +107,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe mapping (already parsed from YAML) and check it against a weightless
     copy of its model: every tap and layer a step names must exist."""
     if not isinstance(data, dict):
-        raise UserError(f"{source}: a recipe is a YAML mapping with keys {', '.join(_TOP)}")
+        raise UserError(f"{source}: a recipe is a YAML mapping with keys {', '.join(_TOP)}, got {shorten(data)}")
     for key in data:
         if key not in _TOP:
             raise unknown_name("key in recipe", str(key), _TOP)
-    name = data.get("name", Path(source).stem)
-    if not isinstance(name, str):
-        raise UserError(f"recipe.name: expected str, got {name!r}")
+    name = check_name(data["name"]) if "name" in data else check_name(Path(source).stem, " (from the file name)")
     recipe = Recipe(name=name, model=from_dict(RecipeModel, data.get("model"), "recipe.model"),
                     data=from_dict(DataConfig, data.get("data"), "recipe.data"),
                     analysis=from_dict(AnalysisConfig, data.get("analysis"), "recipe.analysis"),
@@ -120,6 +121,31 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     _check_order(recipe)
     _check_steps(recipe)
     return recipe
+
+
+def check_name(name: Any, origin: str = "") -> str:
+    """A recipe name, which names the run folder ``runs/<name>``: a non-empty printable string of at
+    most :data:`MAX_NAME` characters without path separators, not ``.`` or ``..``, so it can never
+    place the run outside the runs folder.
+
+    Raises:
+        UserError: naming ``recipe.name`` and the value.
+    """
+    why = None
+    if not isinstance(name, str):
+        why = "expected a string"
+    elif not name.strip():
+        why = "is empty"
+    elif len(name) > MAX_NAME:
+        why = f"is longer than {MAX_NAME} characters"
+    elif not name.isprintable():
+        why = "contains control characters"
+    elif any(sep in name for sep in ("/", "\\", ":")) or name in (".", "..") or name.startswith("-"):
+        why = "would not be a plain folder name under runs/ (no /, \\, :, a leading -, '.' or '..')"
+    if why:
+        raise UserError(f"recipe.name {shorten(name)}{origin}: {why}; the name becomes the run folder runs/<name>: "
+                        f"use letters, digits, '-', '_' and '.', e.g. digits-demo")
+    return name
 
 
 def _check_order(recipe: Recipe) -> None:
@@ -155,12 +181,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key.path=value")
+            raise UserError(f"--set {shorten(item)}: expected key.path=value, e.g. model.train.epochs=2")
         path, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"--set {path}: {text!r} is not a YAML value ({str(e).splitlines()[0]})") from None
+        value = yamlsafe.loads(text, f"--set {clip(path, 80)} value {shorten(text)}")
         keys = path.split(".")
         node: Any = data
         for key in keys[:-1]:
@@ -184,17 +207,16 @@ def _index(key: str, node: list, path: str) -> int:
         node[i]
         return i
     except (ValueError, IndexError):
-        raise UserError(f"--set {path}: {key!r} is not an index of a list of {len(node)} items") from None
+        raise UserError(f"--set {clip(path, 80)}: {shorten(key)} is not an index of a list of {len(node)} "
+                        f"items") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe with the safe loader, apply ``--set`` overrides and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}; a recipe is plain "
-                        f"YAML (mappings, lists, numbers, strings), no !!python tags") from None
-    return parse_recipe(apply_overrides(data or {}, overrides or []), str(path))
+    """Read a YAML recipe with the strict safe loader (:mod:`compress.yamlsafe`), apply ``--set``
+    overrides and validate it."""
+    data = yamlsafe.load_file(path, "recipe")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return parse_recipe(data, str(path))  # refuses it, naming what a recipe is
+    return parse_recipe(apply_overrides(data, overrides or []), str(path))

@@ -50,6 +50,8 @@ class RunState:
         artifacts: files the run wrote, by name (``original``, ``NN-<step>``, ``final``, ``onnx``, ...).
         models: model files a ``bench`` step can compare, by name (``original``, ``NN-<step>``,
             the step name for its latest model, ``final``); ``.pt`` or ``.onnx``.
+        resume: continue the fine-tuning checkpoints an earlier run of the same recipe left
+            (``compress run --no-resume``: start them again).
     """
 
     recipe: Any
@@ -64,6 +66,7 @@ class RunState:
     stale: set[str] = field(default_factory=set)
     artifacts: dict[str, str] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
+    resume: bool = True
 
     @property
     def analysis_config(self) -> AnalysisConfig:

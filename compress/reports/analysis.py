@@ -34,6 +34,7 @@ __all__ = ["write_report"]
 
 MAX_TICK_LABELS = 20  # above this many labels, axes carry no per-label ticks
 MAX_LISTED_LABELS = 30  # labels named in the introduction
+MAX_MATRIX_LABELS = 100  # above this many labels, the per-filter panels show only the labels of the clusters
 SIZE_COLUMNS = 6  # cluster sizes 1..6 shown in the table, as in Fig. 5A
 _PERMUTED_CMAP = ListedColormap(["black", "white", "gold"])  # 0, cluster one, noise one
 _LEGEND = (
@@ -279,37 +280,56 @@ def _cluster_figure(tap: TapAnalysis, names: list[str], stem: str) -> _Figure:
 
 def _filter_figure(tap: TapAnalysis, c: int, names: list[str], stem: str) -> _Figure:
     clusters = tap.clusters(c)
+    placed = [i for cl in clusters for i in cl]
+    if len(names) <= MAX_MATRIX_LABELS:  # every label, in index order (the permuted panel: clusters first)
+        shown, order = list(range(len(names))), placed + [i for i in range(len(names)) if i not in set(placed)]
+    else:  # only the labels of the filter's clusters, in cluster order: a K x K image shows nothing at K = 1,000
+        shown = order = placed[:MAX_MATRIX_LABELS]
     ids = np.asarray(tap.cluster_ids[c])
     clipped = np.asarray(tap.clipped[c], dtype=bool)
     in_cluster = (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
     codes = np.where(clipped, np.where(in_cluster, 1, 2), 0)
-    placed = [i for cl in clusters for i in cl]
-    order = placed + [i for i in range(len(names)) if i not in set(placed)]
+    sub = np.ix_(shown, shown)
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
-    im = axes[0].imshow(tap.normalized[c], cmap="viridis", interpolation="nearest")
-    fig.colorbar(im, ax=axes[0], fraction=0.046, pad=0.04)
-    axes[1].imshow(clipped, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    _matrix_panel(fig, axes[0], None if tap.normalized is None else np.asarray(tap.normalized[c])[sub],
+                  "viridis", "fields not saved (save_fields)")
+    axes[1].imshow(clipped[sub], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     axes[2].imshow(codes[np.ix_(order, order)], cmap=_PERMUTED_CMAP, vmin=0, vmax=2, interpolation="nearest")
     offset = 0
     for cl in clusters:  # outline blocks of two labels or more; singletons are plain white squares
-        if len(cl) > 1:
+        if len(cl) > 1 and offset + len(cl) <= len(order):
             axes[2].add_patch(Rectangle((offset - 0.5, offset - 0.5), len(cl), len(cl), fill=False, ec="red", lw=1))
         offset += len(cl)
-    im = axes[3].imshow(tap.decision[c], cmap="Blues", vmin=0, interpolation="nearest")
-    fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.04)
+    decision = tap.decision
+    computed = decision is not None and (not hasattr(decision, "filters") or c in decision)
+    _matrix_panel(fig, axes[3], np.asarray(decision[c])[sub] if computed else None, "Blues",
+                  "not computed (decision)", vmin=0)
     titles = ("(a) normalized fields", f"(b) clipped > {tap.threshold:g}", "(c) permuted: clusters, noise",
               "(d) decision matrix (Fig. 3B)")
+    sub_names = [names[i] for i in shown]
     for j, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_title(title, fontsize=9)
-        _label_axis(ax, names, "both", order if j == 2 else None)
+        _label_axis(ax, sub_names, "both", [shown.index(i) for i in order] if j == 2 else None)
         ax.set_xlabel("output unit", fontsize=8)
         ax.set_ylabel("true label", fontsize=8)
     fig.suptitle(_mpl(f"{tap.name}, filter {c}"), fontsize=10)
     described = "; ".join("{" + ", ".join(names[i] for i in cl) + "}" for cl in clusters)
     caption = (f"{tap.name}, filter {c}: {len(clusters)} cluster(s) {described}; noise {int(tap.noise[c])} "
                f"(yellow in (c)).")
+    if len(shown) < len(names):
+        caption += (f" Only the {len(shown)} labels of the clusters are drawn (of {len(names)}); "
+                    f"noise ones in other rows and columns are not shown.")
     return _save(fig, f"filter_{stem}_{c}", caption)
+
+
+def _matrix_panel(fig, ax, matrix: np.ndarray | None, cmap: str, missing: str, vmin: float | None = None) -> None:
+    """A matrix with its colour bar, or a note where the artifact does not hold it."""
+    if matrix is None:
+        ax.text(0.5, 0.5, missing, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        return
+    im = ax.imshow(matrix, cmap=cmap, vmin=vmin, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
 
 def _tap_ticks(ax, taps: list[TapAnalysis]) -> None:

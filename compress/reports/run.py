@@ -54,8 +54,8 @@ def write_run_report(out: str | Path, records: list[dict[str, Any]], artifacts: 
                "non-zero ratio", "FLOPs ratio"], rows),
         Para("Parameters count every stored weight; non-zero parameters leave out weights that masks hold at zero. "
              "FLOPs are fvcore's count for one image (multiply-adds). "
-             + (f"Accuracy is top-1 on the validation split, held out from the training images: every choice of "
-                f"the run (plateau, clusters, masks, filters) was made on it. " if split == "validation" else
+             + ("Accuracy is top-1 on the validation split, held out from the training images: every choice of "
+                "the run (plateau, clusters, masks, filters) was made on it. " if split == "validation" else
                 "Accuracy is top-1 on the test split, which the run's choices were also made on (analysis.split: "
                 "test, the papers' setting): it overstates what new images will give. ")
              + "Ratios are to the original model."),

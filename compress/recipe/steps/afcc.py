@@ -12,9 +12,15 @@ import torch
 import torch.nn as nn
 
 from compress.analysis import analyze_tap
-from compress.analysis.features import extract_features, extract_inputs
+from compress.analysis.features import FeatureCache, extract_features, extract_inputs
 from compress.compression.afcc import afcc_mask, afcc_report, apply_mask, compress_head, select_trainable
+from compress.compression.blocks import list_stages
+from compress.compression.cut import CUT_HEAD, cut_features, find_classifier, is_cut
+from compress.compression.dilute import find_tap_conv
+from compress.compression.trim import head_path as trimmed_head
+from compress.compression.trim import sequential_trunk
 from compress.errors import UserError
+from compress.models.introspect import get_module
 from compress.recipe.state import RunState
 from compress.recipe.step import CheckContext, Step, register_step
 from compress.recipe.steps.finetune import Finetune, finetune
@@ -29,13 +35,18 @@ __all__ = ["Afcc"]
 class Afcc(Step):
     """Keep only each filter's connections to its cluster labels in the model's linear head.
 
-    For the own VGGs the head is ``head.out`` right after ``tap`` (the network is trimmed there
-    first when needed, the tap's probe becoming the head). For other models name the classifier
-    with ``head``: its inputs after global pooling are the filters.
+    Without head, the head is the one a trim left (head.out on the own VGGs, trim_head.out on
+    any other model), right after tap; a model not yet cut there is trimmed there first (the
+    tap's probe becoming the head). On a model that was never trimmed and with tap left at last,
+    stage models (timm, torchvision, registered) use their linear classifier (timm's
+    get_classifier(), else the last nn.Linear: fc, classifier.1, heads.head, ...), whose inputs
+    after global pooling are the filters; the own VGGs are trimmed at their last tap.
 
     Attributes:
-        tap: the tap feeding the head of the own VGGs (plateau, last or a tap name).
-        head: module path of the linear classifier of any other model (e.g. classifier, fc, head.fc).
+        tap: the tap feeding the head (plateau, last or a tap name); last on a stage model that
+            was not trimmed means its own classifier.
+        head: module path of the linear head (e.g. classifier, fc, head.fc, trim_head.out); unset:
+            see above.
         train: what the masked fine-tuning trains: head, head+stage (the head and the conv stage
             before it), all, or none.
         finetune: the masked fine-tuning (the options of the finetune step).
@@ -51,39 +62,31 @@ class Afcc(Step):
     def check(self, ctx: CheckContext) -> None:
         if self.tap not in ("plateau", "last"):
             ctx.require_modules("tap", [self.tap])
-        if self.head is not None:
+        trimmed = any(s.name == "trim" for s in ctx.previous) or self.tap != "last"
+        if self.head is not None and not (trimmed and self.head.startswith(CUT_HEAD + ".")):
             ctx.require_modules("head", [self.head])
 
     def run(self, state: RunState, folder: Path) -> dict[str, Any]:
         k = state.bundle.num_classes
         info: dict[str, Any] = {}
-        if self.head is None and hasattr(state.model, "head"):  # own VGGs: the head right after a tap
-            tap = state.resolve_tap(self.tap)
-            info["tap"] = tap
-            if not _head_fed_by(state.model, tap):
-                info["trimmed"] = trim(state, tap)
-            head_path = "head.out"
-            cache = extract_features(state.model, state.bundle, state.bundle.test, [tap], progress=False)
-        else:  # any model: the classifier's own inputs (after global pooling), one position per filter
-            head_path = self.head or _classifier_path(state.model)
-            tap = head_path
-            cache = extract_inputs(state.model, state.bundle, state.bundle.test, head_path)
+        head_path, tap, cache = self._locate(state, info)
         head = state.model.get_submodule(head_path)
         if not isinstance(head, nn.Linear):
-            raise UserError(f"{head_path!r} is a {type(head).__name__}, not an nn.Linear; AFCC runs once per linear "
-                            f"head (name the classifier with afcc.head)")
+            raise UserError(f"afcc.head {head_path!r} is a {type(head).__name__}, not an nn.Linear; AFCC runs once "
+                            f"per linear head (name the classifier with afcc.head)")
         # Clusters of the head actually in place (the probe after a trim, or the trained classifier).
         current = analyze_tap(tap, head.weight.detach().cpu(), cache, k, state.analysis_config.threshold)
         mask = afcc_mask(current.cluster_ids, current.spatial)
         apply_mask(head, mask)
         state.masks[head_path] = mask
+        info["head"] = head_path
         info.update(afcc_report(mask, current))
         info["accuracy_masked"] = evaluate(state.model, state.bundle)
         if self.train != "none":
             if self.train == "head":
                 select_trainable(state.model, [head_path])
             elif self.train == "head+stage":
-                select_trainable(state.model, [head_path, *_last_stage(state.model, tap)])
+                select_trainable(state.model, [head_path, *_last_stage(state.model, info.get("tap", head_path))])
             info["finetune"] = finetune(state, self.finetune, folder)
         if self.sparse:
             dense = copy.deepcopy(state.model.get_submodule(head_path)).cpu()
@@ -92,12 +95,37 @@ class Afcc(Step):
             info["head_latency"] = _head_latency(dense, state.model.get_submodule(head_path))
         return info
 
+    def _locate(self, state: RunState, info: dict[str, Any]) -> tuple[str, str, FeatureCache]:
+        """The head's module path, and the features its weight groups into filters: ``(head path,
+        feature key, test features)``; trims the model first when the head must follow a tap."""
+        model = state.model
+        follows_trim = self.head is not None and (self.head == trimmed_head(model)
+                                                  or self.head.startswith(CUT_HEAD + "."))
+        if self.head is not None and not follows_trim:
+            get_module(model, self.head, "afcc.head (module)")
+            return self.head, self.head, extract_inputs(model, state.bundle, state.bundle.test, self.head)
+        tap = state.resolve_tap(self.tap)
+        if self.head is None and not (is_cut(model) or self.tap != "last" or sequential_trunk(model, tap)):
+            try:  # a stage model: its own classifier, one position per filter after global pooling
+                path = find_classifier(model)
+            except UserError as e:
+                raise UserError(f"afcc.head: {e}; name the linear head with afcc.head") from None
+            return path, path, extract_inputs(model, state.bundle, state.bundle.test, path)
+        info["tap"] = tap
+        if not _ends_at(model, tap):
+            info["trimmed"] = trim(state, tap)
+        path = trimmed_head(model)
+        if self.head is not None and self.head != path:
+            raise UserError(f"afcc.head {self.head!r}: the trim at afcc.tap {tap!r} left the head {path!r}")
+        key = cut_features(model) if is_cut(model) else tap
+        return path, key, extract_features(model, state.bundle, state.bundle.test, [key], progress=False)
 
-def _classifier_path(model: nn.Module) -> str:
-    if not hasattr(model, "get_classifier"):
-        raise UserError(f"{type(model).__name__} has no get_classifier(); name its linear classifier with afcc.head")
-    classifier = model.get_classifier()
-    return next(n for n, m in model.named_modules() if m is classifier)
+
+def _ends_at(model: nn.Module, tap: str) -> bool:
+    """True when the model already ends at ``tap`` with a linear head left by a trim."""
+    if is_cut(model):
+        return model.cut_tap == tap
+    return _head_fed_by(model, tap)
 
 
 def _head_fed_by(model: nn.Module, tap: str) -> bool:
@@ -113,13 +141,29 @@ def _head_fed_by(model: nn.Module, tap: str) -> bool:
 
 
 def _last_stage(model: nn.Module, tap: str) -> list[str]:
-    """Module paths of the conv stage ending at ``tap``: the layers after the previous pooling."""
+    """Module paths of the conv stage that ends at ``tap`` (a tap, or a classifier's path).
+
+    On a sequential trunk (the own VGGs): the layers after the previous pooling. Elsewhere: the
+    last stage of repeated blocks (:func:`~compress.compression.blocks.list_stages`) at or before
+    ``tap`` and every layer with parameters between it and ``tap`` (e.g. EfficientNet's
+    ``conv_head``); without stages, the last conv before ``tap``.
+    """
     trunk_path, _, child = tap.rpartition(".")
-    trunk = model.get_submodule(trunk_path)
-    names = list(trunk._modules)
-    end = names.index(child)
-    start = max((i for i, n in enumerate(names[:end]) if n.startswith("pool")), default=-1) + 1
-    return [f"{trunk_path}.{n}" for n in names[start:end + 1] if list(trunk._modules[n].parameters())]
+    trunk = model.get_submodule(trunk_path) if trunk_path else model
+    if not is_cut(model) and sequential_trunk(model, tap):
+        names = list(trunk._modules)
+        end = names.index(child)
+        start = max((i for i, n in enumerate(names[:end]) if n.startswith("pool")), default=-1) + 1
+        return [f"{trunk_path}.{n}" for n in names[start:end + 1] if list(trunk._modules[n].parameters())]
+    order = [n for n, _ in model.named_modules()]
+    end = order.index(tap)
+    stages = [s for s in list_stages(model) if order.index(s) <= end]
+    if not stages:
+        return [find_tap_conv(model, tap)]
+    last = stages[-1]
+    between = [n for n, m in model.named_modules() if order.index(last) < order.index(n) < end
+               and not n.startswith(last + ".") and list(m.parameters(recurse=False))]
+    return [last, *between]
 
 
 def _head_latency(dense: nn.Module, sparse: nn.Module) -> dict[str, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from compress.deploy.bench import run_bench
-from compress.errors import OptionError
+from compress.errors import OptionError, shorten
 from compress.recipe.state import RunState
 from compress.recipe.step import CheckContext, Step, register_step
 from compress.recipe.steps.export import export
@@ -57,7 +57,7 @@ class Bench(Step):
             known |= {step.name, f"{i:02d}-{step.name}"}
         for name in self.models:
             if name not in known and not name.endswith((".pt", ".pth", ".onnx", ".safetensors")):
-                raise ctx.fail("models", f"{name!r} is not a model of this run; valid: {', '.join(sorted(known))}, "
+                raise ctx.fail("models", f"{shorten(name)} is not a model of this run; valid: {', '.join(sorted(known))}, "
                                          f"or a model file (.pt, .onnx)")
 
     def run(self, state: RunState, folder: Path) -> dict[str, Any]:

@@ -78,13 +78,18 @@ class Dilute(Step):
         for t in state.analysis.taps:
             if find_tap_conv(state.model, t.name) == layer:
                 state.tap_analysis(t.name)
+        width = state.model.get_submodule(layer).out_channels
         target = self.target
         if target == "auto":
             target = None
         elif isinstance(target, float):
-            target = max(1, round(target * state.model.get_submodule(layer).out_channels))
-        _, info = dilute_by_coverage(state.model, state.analysis, layer=layer, target=target,
-                                     min_coverage=self.min_coverage, round_to=self.round_to)
+            target = max(1, round(target * width))
+        try:
+            _, info = dilute_by_coverage(state.model, state.analysis, layer=self.layer, tap=tap, target=target,
+                                         min_coverage=self.min_coverage, round_to=self.round_to)
+        except UserError as e:
+            raise UserError(f"dilute.layer {layer!r} (the conv of dilute.tap {tap!r}): {e}; set dilute.layer or "
+                            f"dilute.tap to another conv or tap") from None
         info["accuracy_before_finetune"] = evaluate(state.model, state.bundle)
         names = [n for n, _ in state.model.named_modules()]  # every tap at or after the conv has other filters now
         pos = names.index(layer)

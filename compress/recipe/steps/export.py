@@ -47,8 +47,9 @@ class Export(Step):
     tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not 7 <= self.opset <= 30:
-            raise OptionError("opset", f"{self.opset} is not an ONNX opset this exporter writes; use 13-20 (default 17)")
+        if not 17 <= self.opset <= 30:
+            raise OptionError("opset", f"{self.opset}: not an ONNX opset this exporter writes; use 17 or newer "
+                                       f"(default 17)")
         if not self.tolerance > 0:
             raise OptionError("tolerance", f"{self.tolerance} must be a positive number (default 1e-3)")
 

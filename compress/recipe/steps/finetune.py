@@ -15,7 +15,7 @@ __all__ = ["Finetune", "finetune"]
 
 def finetune(state: RunState, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
     """Fine-tune ``state.model`` with ``cfg`` (resumable in ``folder``), re-applying the run's masks."""
-    history = fit(state.model, state.bundle, cfg, folder, resume=True, progress=state.progress,
+    history = fit(state.model, state.bundle, cfg, folder, resume=state.resume, progress=state.progress,
                   after_step=state.keeper())
     key = f"{state.bundle.eval_split}_acc"
     return {"epochs": len(history), f"final_{key}": history[-1][key] if history else None}

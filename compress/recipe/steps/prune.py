@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch.nn as nn
 import torch_pruning as tp
 
+from compress.checks import seed as check_seed
 from compress.compression.importance import get_criterion, list_criteria, make_criterion, needs_gradients
 from compress.compression.prune import (accumulate_gradients, classifier_paths, count_metric, layer_widths,
                                         prune_once, prune_to_target)
@@ -74,6 +75,7 @@ class Prune(Step):
             raise OptionError("min_coverage", f"applies to the coverage criterion only, not {self.criterion}")
         if self.gradient_batches < 1:
             raise OptionError("gradient_batches", f"{self.gradient_batches} must be at least 1")
+        check_seed("seed", self.seed)
 
     def check(self, ctx: CheckContext) -> None:
         if self.ignored:
