@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 from PIL import Image
@@ -161,3 +161,14 @@ def recipe(tmp: Path, change: dict | None = None, text: str | bytes | None = Non
 def copy_run(base: Base, tmp: Path) -> Path:
     """A copy of the base training run that a case may damage."""
     return Path(shutil.copytree(base.run, tmp / "run"))
+
+
+def outcomes_of(cases: list[Callable], tmp_path_factory) -> Iterator[dict[str, Outcome]]:
+    """Run ``cases`` (forked from one server, against one trained base) and yield their outcomes:
+    the body of a module-scoped ``outcomes`` fixture."""
+    server = ForkServer(tmp_path_factory.mktemp("server"))
+    try:
+        base = make_base(server, tmp_path_factory.mktemp("base"))
+        yield run_cases(server, cases, tmp_path_factory.mktemp("cases"), base)
+    finally:
+        server.close()

@@ -15,9 +15,8 @@ import pytest
 import torch
 import yaml
 
-from badinput import (RECIPE, T, TINY, Case, check_refused, copy_run, good_split, images, make_base, recipe,
-                      run_cases)
-from forkserver import ForkServer
+from badinput import (RECIPE, T, TINY, Case, check_refused, copy_run, good_split, images, outcomes_of,
+                      recipe)
 
 
 def _model_file(tmp: Path, base, name: str, meta: dict | None = None, meta_text: str | None = None,
@@ -406,12 +405,7 @@ CASES = [_checkpoint_of_another_model, _checkpoint_other_classes, _truncated_che
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    server = ForkServer(tmp_path_factory.mktemp("server"))
-    try:
-        base = make_base(server, tmp_path_factory.mktemp("base"))
-        yield run_cases(server, CASES, tmp_path_factory.mktemp("cases"), base)
-    finally:
-        server.close()
+    yield from outcomes_of(CASES, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", [c.__name__ for c in CASES], ids=[c.__name__.lstrip("_") for c in CASES])

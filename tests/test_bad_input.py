@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from badinput import RECIPE, T, TINY, Case, check_refused, make_base, recipe, run_cases
-from forkserver import ForkServer
+from badinput import RECIPE, T, TINY, Case, check_refused, outcomes_of, recipe
 
 
 
@@ -318,12 +317,7 @@ CASES = [_lr_step_zero, _nesterov_without_momentum, _negative_lr, _nan_lr, _infi
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    server = ForkServer(tmp_path_factory.mktemp("server"))
-    try:
-        base = make_base(server, tmp_path_factory.mktemp("base"))
-        yield run_cases(server, CASES, tmp_path_factory.mktemp("cases"), base)
-    finally:
-        server.close()
+    yield from outcomes_of(CASES, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", [pytest.param(c.__name__, id=c.__name__.lstrip("_")) for c in CASES])
