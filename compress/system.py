@@ -11,10 +11,12 @@ import torch
 
 from compress._version import __version__
 
-__all__ = ["environment", "cpu_model", "cpu_flags"]
+__all__ = ["environment", "cpu_model", "cpu_flags", "int8_fast_path"]
 
 # the extensions that decide which convolution and INT8 kernels a CPU runs
-_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "asimddp")
+# the extensions with which onnxruntime's INT8 kernels are faster than FP32 (x86 VNNI or AMX, ARM dot product)
+INT8_FAST = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
 
 
 def _cpuinfo() -> list[str]:
@@ -40,6 +42,21 @@ def cpu_flags() -> list[str]:
             have = set(line.split(":", 1)[1].split())
             return [f for f in _FLAGS if f in have]
     return []
+
+
+def int8_fast_path(flags: list[str] | None = None) -> tuple[bool, str]:
+    """Whether onnxruntime has a fast INT8 path on this CPU, and a sentence saying why.
+
+    x86 needs AVX-512 VNNI, AVX-VNNI or AMX (without them the u8s8 kernels run on AVX2 or
+    AVX-512BW and are often no faster than FP32); ARM needs the dot-product extension (asimddp).
+    """
+    flags = cpu_flags() if flags is None else list(flags)
+    found = [f for f in INT8_FAST if f in flags]
+    if found:
+        return True, f"this CPU has a fast INT8 path ({', '.join(found)})"
+    return False, ("this CPU has no fast INT8 path (no AVX-512 VNNI, AVX-VNNI, AMX or ARM dot product): onnxruntime's "
+                   "INT8 kernels are emulated with wider instructions here, so INT8 latencies on it are not what a "
+                   "VNNI CPU would measure; compare INT8 speed on the deployment CPU")
 
 
 def _version(pkg: str) -> str:

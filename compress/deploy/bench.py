@@ -21,7 +21,7 @@ from compress.errors import UserError, shorten
 from compress.deploy.export import check_data_fits, export_and_verify, load_onnx, onnx_metadata
 from compress.io import atomic_write_text, run_folder_lock
 from compress.models.introspect import count_flops, count_params
-from compress.system import environment
+from compress.system import environment, int8_fast_path
 from compress.deploy.predict import normalize_pixels, open_session, parse_deploy_props, read_deploy_meta
 
 __all__ = ["BACKENDS", "LatencyStats", "Candidate", "BenchResult", "count_params", "count_flops",
@@ -70,6 +70,8 @@ class Candidate:
     file_size: int
     model: nn.Module | None = field(default=None, repr=False)
     export_check: dict[str, Any] | None = None
+    precision: str = "fp32"
+    int8_of: str | None = None  # the FP32 model an INT8 variant was made from
 
 
 @dataclass
@@ -295,6 +297,27 @@ def _exported(name: str, source: str, model: nn.Module, meta: dict[str, Any], wo
                      {k: check[k] for k in ("samples", "max_abs_diff", "argmax_agreement")})
 
 
+def _with_int8(cands: list[Candidate], bundle: DataBundle, workdir: Path) -> list[Candidate]:
+    """Each candidate followed by its INT8 variant (``<name> int8``), quantized into ``workdir/onnx``."""
+    from compress.deploy.quantize import QuantizeSettings, quantize_onnx, quantized_ops
+
+    if len(bundle.train) < 1:
+        raise UserError("INT8 variants need training images to calibrate on; the data has none")
+    out: list[Candidate] = []
+    files = _file_names([c.name for c in cands])
+    for c, file_name in zip(cands, files):
+        if quantized_ops(load_onnx(c.onnx_path)):  # already INT8 (e.g. the quantize step's file)
+            c.precision = "int8"
+        if c.precision != "fp32":
+            out.append(c)
+            continue
+        path = Path(workdir) / "onnx" / f"{file_name}.int8.onnx"
+        info = quantize_onnx(c.onnx_path, path, bundle, None, QuantizeSettings(max_drop=None))
+        out += [c, Candidate(f"{c.name} int8", f"INT8 of {c.name}", str(path), c.meta, c.params, c.flops,
+                             info["int8_size"], precision="int8", int8_of=c.name)]
+    return out
+
+
 def onnx_accuracy(onnx_path: str | os.PathLike, bundle: DataBundle, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of an ONNX model on ``bundle.test``, fed exactly as its metadata says."""
     sess = open_session(onnx_path, "cpu")
@@ -353,7 +376,7 @@ def _time_backend(cands: list[Candidate], backend: str, batch_sizes: Sequence[in
 def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *,
               names: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1, 64), warmup: int = 10,
               repeats: int = 50, backends: Sequence[str] | None = None, threads: int | None = None,
-              tol: float = 1e-3) -> BenchResult:
+              tol: float = 1e-3, int8: bool = False) -> BenchResult:
     """Measure every model and write ``bench.json`` and the report under ``out``.
 
     Args:
@@ -368,6 +391,9 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
         backends: subset of :data:`BACKENDS` (default: all this machine has).
         threads: CPU threads of PyTorch and onnxruntime (default: PyTorch's current count for both).
         tol: export verification tolerance.
+        int8: also bench an INT8 variant of every model (:func:`compress.deploy.quantize.quantize_onnx`,
+            static QDQ, calibrated on ``bundle.train``, no gate), right after it; ``settings["int8"]``
+            says whether the CPU has a fast INT8 path.
 
     The folder is locked for the run (:func:`compress.io.run_folder_lock`); the settings are
     checked before any model is loaded.
@@ -375,7 +401,7 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
     _check_settings(batch_sizes, warmup, repeats, threads, tol)
     with run_folder_lock(out) as out:
         return _run_bench(models, bundle, out, names=names, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
-                          backends=backends, threads=threads, tol=tol)
+                          backends=backends, threads=threads, tol=tol, int8=int8)
 
 
 def _check_settings(batch_sizes: Sequence[int], warmup: int, repeats: int, threads: int | None, tol: float) -> None:
@@ -394,7 +420,7 @@ def _check_settings(batch_sizes: Sequence[int], warmup: int, repeats: int, threa
 
 def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, names: Sequence[str] | None,
                batch_sizes: Sequence[int], warmup: int, repeats: int, backends: Sequence[str] | None,
-               threads: int | None, tol: float) -> BenchResult:
+               threads: int | None, tol: float, int8: bool = False) -> BenchResult:
     """:func:`run_bench` in its locked folder."""
     have = available_backends()
     backends = list(backends or have)
@@ -407,6 +433,8 @@ def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, nam
     if missing:
         raise UserError(f"backend {missing[0]!r} is not available here (available: {', '.join(have)})")
     cands = load_candidates(models, out, names=names, verify_data=bundle, tol=tol)
+    if int8:
+        cands = _with_int8(cands, bundle, out)
     for c in cands:
         check_data_fits(c.meta, bundle, f"model {c.name!r}")
         need = max(batch_sizes) * int(np.prod(c.meta["input_size"])) * 4
@@ -429,12 +457,16 @@ def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, nam
         models.append({"name": c.name, "source": c.source, "onnx": c.onnx_path, "model": c.meta.get("model", ""),
                        "params": c.params, "flops": c.flops, "file_size": c.file_size,
                        "accuracy": onnx_accuracy(c.onnx_path, bundle), "latency": latency[c.name],
-                       "export_check": c.export_check})
+                       "export_check": c.export_check, "precision": c.precision, "int8_of": c.int8_of})
     settings = {"batch_sizes": [int(b) for b in batch_sizes], "warmup": warmup, "repeats": repeats,
                 "backends": backends, "threads": threads, "data": bundle.name, "test_samples": len(bundle.test),
                 "timing": "interleaved rounds in one process, rotating order; PyTorch under inference_mode; "
                           "onnxruntime without thread spinning",
                 "flops": "fvcore, one image, one multiply-add = 1 FLOP"}
+    if int8:
+        fast, note = int8_fast_path()
+        settings["int8"] = {"fast_path": fast, "note": note, "method": "onnxruntime static QDQ, per-channel, "
+                            f"minmax calibration on {min(300, len(bundle.train))} training images, no gate"}
     result = BenchResult(models, settings, env)
     result.save(out)
     return result

@@ -29,7 +29,7 @@ from compress.models.introspect import check_finite
 from compress.deploy.predict import open_session
 
 __all__ = ["OPSET", "ExportMismatchError", "deploy_metadata", "export_onnx", "check_onnx", "load_onnx",
-           "onnx_metadata", "verify_onnx", "export_and_verify", "load_test_data", "check_data_fits"]
+           "onnx_metadata", "verify_onnx", "export_and_verify", "load_model_data", "load_test_data", "check_data_fits"]
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -283,17 +283,25 @@ def check_data_fits(meta: dict[str, Any], bundle: DataBundle, what: str = "the m
                         f"{list(bundle.label_names)[:5]}...; use the same data (and --labels) as in training")
 
 
-def load_test_data(meta: dict[str, Any], name: str | None = None, *, root: str | None = None,
-                   download: bool = False, num_labels: int | None = None, image_size: int | None = None,
-                   limit_test: int | None = None) -> DataBundle:
-    """The test data for a model: ``name`` or else the dataset recorded in its metadata.
-
-    Only the test split is used, so one training image is loaded.
-    """
+def load_model_data(meta: dict[str, Any], name: str | None = None, *, root: str | None = None,
+                    download: bool = False, num_labels: int | None = None, image_size: int | None = None,
+                    limit_train: int | None = 1, limit_test: int | None = None, val_fraction: float = 0.0,
+                    split_seed: int = 0) -> DataBundle:
+    """The data of a model file: ``name``, or else the dataset recorded in its metadata (at the
+    recorded input size for an image folder). ``val_fraction`` and ``split_seed`` hold out the
+    validation split as training does (:class:`~compress.data.DataConfig`)."""
     name = name or meta.get("dataset") or None
     if not name:
         raise UserError("the model does not record its dataset; pass --data (digits, cifar10, imagefolder:<path>)")
     if image_size is None and name.startswith("imagefolder:") and meta.get("input_size"):
         image_size = int(meta["input_size"][1])
     return load_data(name, root=root, download=download, num_labels=num_labels, image_size=image_size,
-                     limit_train=1, limit_test=limit_test)
+                     limit_train=limit_train, limit_test=limit_test, val_fraction=val_fraction, seed=split_seed)
+
+
+def load_test_data(meta: dict[str, Any], name: str | None = None, *, root: str | None = None,
+                   download: bool = False, num_labels: int | None = None, image_size: int | None = None,
+                   limit_test: int | None = None) -> DataBundle:
+    """The test data for a model (:func:`load_model_data`); one training image is loaded."""
+    return load_model_data(meta, name, root=root, download=download, num_labels=num_labels, image_size=image_size,
+                           limit_train=1, limit_test=limit_test)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from compress.deploy.bench import BenchResult  # noqa: E402
 from compress.reports.document import Heading, Para, Table, save_figure, write_document  # noqa: E402
 
-__all__ = ["write_bench_report", "primary_backend", "summary_rows"]
+__all__ = ["write_bench_report", "primary_backend", "summary_rows", "int8_note"]
 
 PREFERRED = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
 
@@ -47,6 +47,26 @@ def _env_line(result: BenchResult, backend: str | None) -> str:
             f"{result.settings.get('warmup')} warm-up calls, {result.settings.get('repeats')} interleaved repeats.")
 
 
+def _slow_int8(result: BenchResult) -> bool:
+    """INT8 rows are present and the CPU has no fast INT8 path: their latencies are not a result."""
+    return not result.settings.get("int8", {}).get("fast_path", True) and any(
+        m.get("precision") == "int8" for m in result.models)
+
+
+def int8_note(result: BenchResult) -> str | None:
+    """The sentence beside the INT8 rows: how they were made and, without VNNI, why their latency
+    is not a result; ``None`` when the bench has no INT8 rows."""
+    info = result.settings.get("int8")
+    if not info or not any(m.get("precision") == "int8" for m in result.models):
+        return None
+    mark = "* " if _slow_int8(result) else ""
+    return f"{mark}INT8 rows: {info.get('method', 'onnxruntime INT8')}. {info['note'][0].upper()}{info['note'][1:]}."
+
+
+def _label(result: BenchResult, m: dict[str, Any]) -> str:
+    return f"{m['name']} *" if m.get("precision") == "int8" and _slow_int8(result) else m["name"]
+
+
 def summary_rows(result: BenchResult) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """The value table and the ratio table (header, rows) of the summary section."""
     backend = primary_backend(result)
@@ -59,10 +79,10 @@ def summary_rows(result: BenchResult) -> tuple[list[str], list[list[str]], list[
     base_acc = result.models[0].get("accuracy")
     for i, m in enumerate(result.models):
         lat = [_latency(m, backend, b) for b in batches]
-        rows.append([m["name"], _count(m["params"]), _count(m["flops"], "FLOPs"), _bytes(m["file_size"]),
+        rows.append([_label(result, m), _count(m["params"]), _count(m["flops"], "FLOPs"), _bytes(m["file_size"]),
                      *[_num(v, 3) for v in lat], _num(m.get("accuracy"), 4, fixed=True)])
         delta = None if base_acc is None or m.get("accuracy") is None else 100 * (m["accuracy"] - base_acc)
-        ratios.append([m["name"], *[_x(result.ratio(i, k)) for k in ("params", "flops", "file_size")],
+        ratios.append([_label(result, m), *[_x(result.ratio(i, k)) for k in ("params", "flops", "file_size")],
                        *[_x(result.ratio(i, "latency", backend, b)) for b in batches], _x(result.ratio(i, "accuracy")),
                        "-" if delta is None else f"{delta:+.2f}"])
     return header, rows, ratio_header, ratios
@@ -77,10 +97,12 @@ def _build_blocks(result: BenchResult) -> list:
         f"Latency: median and p90 of {s.get('repeats')} timed calls after {s.get('warmup')} warm-up calls "
         f"({s.get('timing')}), {s.get('threads')} CPU threads. FLOPs: {s.get('flops')}.")]
     header, rows, ratio_header, ratios = summary_rows(result)
+    note = int8_note(result)
     blocks += [Heading(2, f"Original against compressed (latency: {backend})"), Table(header, rows, {0}),
+               *([Para(note)] if note else []),
                Heading(2, "Ratios to the original"),
                Para("Each value divided by the original's: below 1 is smaller, cheaper or faster."),
-               Table(ratio_header, ratios, {0})]
+               Table(ratio_header, ratios, {0}), *([Para(note)] if note else [])]
     blocks += [Heading(2, "Latency per backend and batch"), _latency_table(result)]
     if backend is not None:
         blocks += [Heading(2, "Accuracy against latency"), _latency_figure(result, backend)]
@@ -106,7 +128,7 @@ def _latency_table(result: BenchResult) -> Table:
                 st = m["latency"].get(backend, {}).get(str(b))
                 if st is None:
                     continue
-                rows.append([m["name"], backend, str(b), _num(st["median_ms"], 3), _num(st["p90_ms"], 3),
+                rows.append([_label(result, m), backend, str(b), _num(st["median_ms"], 3), _num(st["p90_ms"], 3),
                              f"{st['throughput']:,.0f}", _x(result.ratio(i, "latency", backend, b))])
     return Table(["Model", "backend", "batch", "median (ms)", "p90 (ms)", "throughput (img/s)",
                   "median / original"], rows)

@@ -7,7 +7,8 @@ a module that registers its steps with :func:`compress.recipe.register_step`) is
 
 from __future__ import annotations
 
-from compress.recipe.steps import afcc, bench, dilute, export, finetune, prune, remove_blocks, trim  # noqa: F401
+from compress.recipe.steps import (afcc, bench, dilute, export, finetune, prune, quantize,  # noqa: F401
+                                   remove_blocks, trim)
 
 __all__ = ["load_plugins"]
 

@@ -30,6 +30,8 @@ class Bench(Step):
         repeats: timed calls per model and batch size (interleaved rounds).
         torch_eager: also time PyTorch eager besides onnxruntime.
         threads: onnxruntime and PyTorch threads (default: the libraries' own).
+        int8: also bench an INT8 variant of every model (onnxruntime static QDQ, per-channel, calibrated on
+            training images, no gate); where the CPU has no fast INT8 path (no VNNI) the report says so.
     """
 
     changes_model: ClassVar[bool] = False
@@ -40,6 +42,7 @@ class Bench(Step):
     repeats: int = 20
     torch_eager: bool = True
     threads: int | None = None
+    int8: bool = False
 
     def __post_init__(self) -> None:
         if len(self.models) < 1:
@@ -54,7 +57,7 @@ class Bench(Step):
     def check(self, ctx: CheckContext) -> None:
         known = {"original", "final"}
         for i, step in enumerate(ctx.previous, start=1):
-            known |= {step.name, f"{i:02d}-{step.name}"}
+            known |= {step.name, f"{i:02d}-{step.name}", *getattr(step, "model_names", lambda: [])()}
         for name in self.models:
             if name not in known and not name.endswith((".pt", ".pth", ".onnx", ".safetensors")):
                 raise ctx.fail("models", f"{shorten(name)} is not a model of this run; valid: {', '.join(sorted(known))}, "
@@ -68,13 +71,16 @@ class Bench(Step):
         paths = [state.models.get(name, name) for name in self.models]
         result = run_bench(paths, state.report_data or state.bundle, state.out / "bench", names=list(self.models),
                            batch_sizes=self.batch_sizes, warmup=self.warmup, repeats=self.repeats,
-                           backends=None if self.torch_eager else ["ort-cpu"], threads=self.threads)
+                           backends=None if self.torch_eager else ["ort-cpu"], threads=self.threads, int8=self.int8)
         write_bench_report(result, state.out / "bench")
         state.artifacts["bench"] = str(state.out / "bench" / "bench.html")
         info: dict[str, Any] = {"report": state.artifacts["bench"]}
-        for i, name in enumerate(self.models[1:], start=1):
+        if self.int8:
+            info["int8"] = result.settings["int8"]
+        names = [m["name"] for m in result.models]
+        for i, name in enumerate(names[1:], start=1):
             ratios = _ratios(result, i, self.batch_sizes)
-            if len(self.models) == 2:
+            if len(names) == 2:
                 info.update(ratios)
             else:
                 info[name] = ratios
