@@ -49,6 +49,8 @@ def _differences(there: Any, now: Any, key: str = "") -> list[str]:
         out = []
         for k in list(now) + [k for k in there if k not in now]:
             sub = f"{key}.{k}" if key else str(k)
+            if k not in there and now[k] is None:  # an option added since, left unset (null): the earlier run's
+                continue  # behaviour, so a run recorded before it (e.g. before finetune.distill) still resumes
             if k not in there or k not in now:
                 out.append(f"{sub}: {'missing' if k not in there else shorten(there[k], 60)} there, "
                            f"{'missing' if k not in now else shorten(now[k], 60)} now")
@@ -138,6 +140,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, out: s
     Returns:
         ``(model, history, bundle)``, the bundle with all its splits.
     """
+    if cfg.distill is not None:
+        raise UserError("distill: training a model has no teacher to distil from; distillation is for the "
+                        "fine-tuning of a recipe, with the original model as teacher (finetune: {distill: {...}})")
     with run_folder_lock(out) as out:
         check_owner(out, "train")
         bundle = data_cfg.load()

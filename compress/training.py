@@ -18,14 +18,16 @@ from tqdm.auto import tqdm
 from compress import distributed
 from compress.checks import integer, number, one_of
 from compress.checks import seed as check_seed
+from compress.config import to_dict
 from compress.data import DataBundle, ImageSet, iterate_batches
-from compress.errors import UserError, clip, shorten
+from compress.distill import DistillConfig, check_outputs, distillation_loss
+from compress.errors import OptionError, UserError, clip, shorten
 from compress.io import atomic_torch_save, atomic_write_text
 from compress.models.factory import read_checkpoint, state_mismatch
 from compress.models.introspect import non_finite
 from compress.models.meta import parse_meta
 
-__all__ = ["TrainConfig", "fit", "evaluate", "default_device", "param_groups"]
+__all__ = ["TrainConfig", "DistillConfig", "fit", "evaluate", "default_device", "param_groups"]
 
 CHECKPOINT = "checkpoint.pt"
 MAX_LR = 1000.0  # beyond it SGD's arithmetic overflows float32 rather than training
@@ -53,6 +55,10 @@ class TrainConfig:
         amp: mixed precision on CUDA.
         seed: initial weights, shuffling and augmentation.
         lr_factors: learning-rate factor per module prefix, e.g. {blocks: 0.1, classifier: 1.0}.
+        distill: fine-tune with the original model as teacher, e.g. {temperature: 4, alpha: 0.9}:
+            loss (1 - alpha) CE + alpha T^2 KL(softmax(teacher/T), softmax(student/T)), the teacher's
+            logits on the same augmented batch (defaults temperature 4, alpha 0.9; alpha 0 is plain
+            fine-tuning). Recipe fine-tuning only (training from scratch has no teacher).
     """
 
     epochs: int = 30
@@ -70,6 +76,7 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     lr_factors: dict[str, float] = field(default_factory=dict)
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         one_of("schedule", self.schedule, ("step", "cosine", "onecycle"))
@@ -92,10 +99,13 @@ class TrainConfig:
         for prefix, factor in (self.lr_factors or {}).items():
             number(f"lr_factors.{clip(str(prefix), 60)}", factor, low=0, high=MAX_LR,
                    hint="a learning-rate factor per module prefix, e.g. {blocks: 0.1} (0 freezes)")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise OptionError("distill", f"{shorten(self.distill)}: expected a DistillConfig (a mapping "
+                                         f"{{temperature: 4, alpha: 0.9}} in a recipe) or none")
 
     def train_options(self) -> dict[str, Any]:
-        """The fields of :class:`TrainConfig` alone (a subclass may add its own)."""
-        return {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+        """The fields of :class:`TrainConfig` alone (a subclass may add its own), as plain values."""
+        return {f.name: to_dict(getattr(self, f.name)) for f in fields(TrainConfig)}
 
 
 def default_device() -> torch.device:
@@ -174,7 +184,8 @@ def evaluate(model: nn.Module, bundle: DataBundle, split: ImageSet | None = None
 
 def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | Path, *,
         meta: dict[str, Any] | None = None, resume: bool = True, device: torch.device | None = None,
-        progress: bool = True, after_step=None, started: Callable[[], None] | None = None) -> list[dict[str, float]]:
+        progress: bool = True, after_step=None, started: Callable[[], None] | None = None,
+        teacher: nn.Module | None = None) -> list[dict[str, float]]:
     """Train ``model`` on ``bundle.train``, checkpointing to ``out_dir/checkpoint.pt`` after every epoch.
 
     A run started again with the same ``out_dir`` resumes after the last finished epoch; shuffling
@@ -200,18 +211,29 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         after_step: optional ``callable(model)`` run after every optimiser step (e.g. re-applying masks).
         started: optional ``callable()`` run once the checkpoint to resume from was read and
             checked, before anything is written (e.g. writing the run's settings).
+        teacher: the teacher of ``cfg.distill`` (needed when its alpha is above 0; ignored
+            otherwise): put in eval mode and on ``device``, run without gradients on every
+            augmented batch under the same autocast. With alpha 0 it is never run, and the
+            result equals fine-tuning without ``distill`` bit for bit.
 
     Returns:
         One dict per epoch: ``epoch``, ``lr``, ``loss``, ``train_acc``, ``val_acc`` or ``test_acc``, ``seconds``.
 
     Raises:
         UserError: the checkpoint to resume from is damaged, carries code or is of another model;
+            ``cfg.distill`` without a teacher, or a teacher with other outputs than the model;
             or the loss or the weights stopped being finite (the run stops before saving that
             epoch, so the last good checkpoint is kept).
     """
     out_dir = Path(out_dir)
     device = device or default_device()
+    distill = cfg.distill if cfg.distill is not None and cfg.distill.alpha > 0 else None
+    if distill is not None and teacher is None:
+        raise UserError("distill: distillation needs a teacher (the original model), which only the fine-tuning "
+                        "of a recipe has (finetune: {distill: {...}}); training a model from scratch cannot distill")
     model.to(device)
+    if distill is not None:
+        teacher.to(device).eval()
     torch.manual_seed(cfg.seed)
     groups = param_groups(model, cfg)
     base_lrs = [g["lr"] for g in groups]
@@ -228,7 +250,7 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(cfg, epoch)
         t0 = time.perf_counter()
-        step = _Step(net, model, opt, scaler, base_lrs, cfg, use_amp, after_step)
+        step = _Step(net, model, opt, scaler, base_lrs, cfg, use_amp, after_step, teacher if distill else None)
         try:
             seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
         except FloatingPointError as e:
@@ -338,6 +360,7 @@ class _Step:
     cfg: TrainConfig
     use_amp: bool
     after_step: Any
+    teacher: nn.Module | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.schedule != "step":  # smooth schedules move every step
@@ -345,7 +368,13 @@ class _Step:
                 g["lr"] = lr * _lr_factor(self.cfg, epoch)
         with torch.autocast(x.device.type, enabled=self.use_amp):
             logits = self.net(x)
-            loss = F.cross_entropy(logits, y)
+            if self.teacher is None:
+                loss = F.cross_entropy(logits, y)
+            else:  # the teacher reads the same augmented batch; eval mode, so it draws no random numbers
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+                check_outputs(logits, teacher_logits)
+                loss = distillation_loss(logits, teacher_logits, y, self.cfg.distill)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)

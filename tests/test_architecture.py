@@ -17,7 +17,7 @@ LAYERS = [
     ["compress.io", "compress.system"],
     ["compress.models"],
     ["compress.data"],
-    ["compress.training"],
+    ["compress.distill", "compress.training"],
     ["compress.analysis"],
     ["compress.compression"],
     ["compress.deploy"],

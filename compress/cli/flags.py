@@ -155,7 +155,8 @@ def add_data(p: argparse.ArgumentParser) -> None:
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
-    add_flags(p.add_argument_group("optimisation (SGD, Nesterov momentum, L2)"), TrainConfig)
+    add_flags(p.add_argument_group("optimisation (SGD, Nesterov momentum, L2)"), TrainConfig,
+              skip=["distill"])  # training from scratch has no teacher
 
 
 def add_analysis(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 
 from compress.config import field_help, init_fields, to_dict, type_name
@@ -33,8 +34,13 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _type(tp) -> str:
-    if dataclasses.is_dataclass(tp):
-        return f"mapping: the {getattr(tp, 'name', '') or tp.__name__} options"
+    if dataclasses.is_dataclass(tp):  # a step's options, or a nested section (listed by its keys)
+        name = getattr(tp, "name", "")
+        return f"mapping: the {name} options" if name else f"mapping ({', '.join(f.name for f in init_fields(tp))})"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if any(dataclasses.is_dataclass(a) for a in args):
+            return " or ".join(_type(a) for a in args)
     return type_name(tp).replace("|", "/")
 
 

@@ -118,6 +118,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                     steps=_parse_steps(data.get("steps")), raw=data)
     if recipe.model.checkpoint is None and recipe.model.train is None and not recipe.model.pretrained:
         raise UserError("recipe.model: give a checkpoint, a train section, or pretrained: true")
+    if recipe.model.train is not None and recipe.model.train.distill is not None:
+        raise UserError("recipe.model.train.distill: training the model has no teacher; distil in its fine-tuning "
+                        "(a finetune step's distill, or afcc.finetune.distill), where the original model teaches")
     _check_order(recipe)
     _check_steps(recipe)
     return recipe

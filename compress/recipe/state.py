@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from compress.analysis import AnalysisConfig, AnalysisResult, analyze_model
-from compress.compression.serialize import save_model
+from compress.compression.serialize import load_model, save_model
 from compress.data import DataBundle
-from compress.errors import unknown_name
+from compress.errors import UserError, unknown_name
 from compress.models.introspect import count_flops, count_nonzero, count_params
 from compress.training import evaluate
 
@@ -67,6 +67,7 @@ class RunState:
     artifacts: dict[str, str] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
     resume: bool = True
+    _teacher: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def analysis_config(self) -> AnalysisConfig:
@@ -90,6 +91,26 @@ class RunState:
             self.analysis.taps = [fresh.taps[0] if t.name == tap else t for t in self.analysis.taps]
             self.stale.discard(tap)
         return self.analysis.tap(tap)
+
+    def teacher(self) -> nn.Module:
+        """The teacher of distillation: the run's original model (``models["original"]``), loaded
+        once and kept in memory, in eval mode, on the device of the current model, without
+        gradients. Loading it leaves the random-number state as it was.
+
+        Raises:
+            UserError: the run has no original model file.
+        """
+        if self._teacher is None:
+            path = self.models.get("original")
+            if path is None:
+                raise UserError("distill: the run has no original model to distil from (models['original'] is unset)")
+            device = next(self.model.parameters()).device
+            with torch.random.fork_rng(devices=[]):  # building the model draws initial weights
+                teacher = load_model(path, device=device)[0].eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self._teacher = teacher
+        return self._teacher
 
     def keeper(self) -> Callable[[nn.Module], None] | None:
         """A callable that re-applies the AFCC masks after every optimiser step (``None``: no masks)."""

@@ -49,7 +49,8 @@ class Afcc(Step):
             see above.
         train: what the masked fine-tuning trains: head, head+stage (the head and the conv stage
             before it), all, or none.
-        finetune: the masked fine-tuning (the options of the finetune step).
+        finetune: the masked fine-tuning (the options of the finetune step; with distill the
+            original model is the teacher).
         sparse: store the head as its kept connections only (smaller file, exported as such).
     """
 
@@ -114,7 +115,7 @@ class Afcc(Step):
         info["tap"] = tap
         if not _ends_at(model, tap):
             info["trimmed"] = trim(state, tap)
-        path = trimmed_head(model)
+        path = trimmed_head(model) or "head.out"  # an untrimmed own VGG ending at the tap: its output layer
         if self.head is not None and self.head != path:
             raise UserError(f"afcc.head {self.head!r}: the trim at afcc.tap {tap!r} left the head {path!r}")
         key = cut_features(model) if is_cut(model) else tap

@@ -14,9 +14,11 @@ __all__ = ["Finetune", "finetune"]
 
 
 def finetune(state: RunState, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
-    """Fine-tune ``state.model`` with ``cfg`` (resumable in ``folder``), re-applying the run's masks."""
+    """Fine-tune ``state.model`` with ``cfg`` (resumable in ``folder``), re-applying the run's masks;
+    with ``cfg.distill`` (alpha above 0) the run's original model is the teacher."""
+    distill = cfg.distill is not None and cfg.distill.alpha > 0
     history = fit(state.model, state.bundle, cfg, folder, resume=state.resume, progress=state.progress,
-                  after_step=state.keeper())
+                  after_step=state.keeper(), teacher=state.teacher() if distill else None)
     key = f"{state.bundle.eval_split}_acc"
     return {"epochs": len(history), f"final_{key}": history[-1][key] if history else None}
 
@@ -25,7 +27,14 @@ def finetune(state: RunState, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Finetune(TrainConfig, Step):
     """Fine-tune the whole current model (masks from earlier AFCC steps are kept). Its options are
-    those of training, with fine-tuning defaults."""
+    those of training, with fine-tuning defaults.
+
+    With distill, the run's original model is the teacher (loaded once and kept in memory, in
+    eval mode): its logits on the same augmented batch soften the labels, e.g.
+    ``finetune: {epochs: 4, distill: {temperature: 4, alpha: 0.9}}``. The same option works
+    wherever a step fine-tunes (afcc.finetune, trim.finetune; a prune or dilute is fine-tuned by
+    the finetune step after it).
+    """
 
     epochs: int = 5
     lr: float = 0.005

@@ -29,6 +29,9 @@ __all__ = ["Prune"]
 class Prune(Step):
     """Prune channels of every conv and linear layer (the classifier's outputs stay) by a criterion.
 
+    The pruned model is fine-tuned by a finetune step after this one; give it distill to fine-tune
+    with the original (unpruned) model as teacher.
+
     Attributes:
         criterion: the importance criterion: l1, l2, taylor, bn-scale, bn-scale-only, random, or
             coverage (the clusters of every analysed tap).

@@ -64,8 +64,8 @@ class Trim(Step):
             model reproduces the probe's accuracy) or pool (global average pooling and a linear
             layer initialised from the probe's weights summed over each filter's positions; give
             it a finetune).
-        finetune: fine-tune the cut model right away (the options of the finetune step; none by
-            default).
+        finetune: fine-tune the cut model right away (the options of the finetune step, distill
+            included; none by default).
     """
 
     tap: str = "plateau"
