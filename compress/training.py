@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from compress.progress import tqdm
 
 from compress import distributed
 from compress.checks import integer, number, one_of

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "compress"
 LAYERS = [
     ["compress._version", "compress.errors", "compress.checks", "compress.yamlsafe", "compress.images"],
     ["compress.distributed", "compress.config"],
-    ["compress.io", "compress.system"],
+    ["compress.io", "compress.system", "compress.progress"],
     ["compress.models"],
     ["compress.data"],
     ["compress.distill", "compress.training"],

@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from compress.progress import tqdm
 
 from compress import checks, distributed
 from compress.analysis.clusters import CHUNK_BYTES

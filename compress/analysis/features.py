@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from compress.progress import tqdm
 
 from compress import distributed
 from compress.data import DataBundle, ImageSet, iterate_batches

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from compress.progress import tqdm
 
 __all__ = ["LinearProbe"]
 
