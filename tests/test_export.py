@@ -173,3 +173,30 @@ def test_export_command(exported, bundle, tmp_path, capsys):
     assert "opset 17" in out and "argmax agreement 100.00%" in out and "KiB" in out
     props = onnx_metadata(load_onnx(tmp_path / "model.onnx"))
     assert int(props["params"]) == sum(p.numel() for p in model.parameters()) and int(props["flops"]) > 0
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((1, 1), (7, 7)), ((5, 3), (3, 2)), ((13, 13), (6, 6))])
+def test_adaptive_pool_whose_output_does_not_divide_the_input_exports_as_a_matrix_product(tmp_path, in_hw, out_hw):
+    """torchvision's AlexNet and VGG at small inputs: ONNX has no such adaptive pooling."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.AdaptiveAvgPool2d(out_hw), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * out_hw[0] * out_hw[1], 3)).eval()
+    meta = {"model": "pool", "num_classes": 3, "input_size": [3, *in_hw], "label_names": ["a", "b", "c"],
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    path = export_onnx(model, meta, tmp_path / "pool.onnx")
+    x = torch.randn(5, 3, *in_hw)
+    got = open_session(path).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-5)
+    assert isinstance(model[1], torch.nn.AdaptiveAvgPool2d)  # the user's model is left as it was
+
+
+def test_a_torchvision_model_with_state_dict_versions_reloads(tmp_path):
+    """MNASNet refuses a state dict without its modules' versions (lost when a state is rebuilt)."""
+    from compress.compression.serialize import load_model
+    from compress.models import create_model
+
+    model = create_model("torchvision:mnasnet0_5", num_classes=10).eval()
+    save_model(model, tmp_path / "m.pt", {"model": "torchvision:mnasnet0_5", "num_classes": 10,
+                                          "input_size": [3, 32, 32]})
+    again, _ = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again.eval()(x), model(x))

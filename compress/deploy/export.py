@@ -85,6 +85,62 @@ def check_onnx(model_proto) -> None:
         raise UserError(f"ONNX model fails onnx.checker: {first}") from None
 
 
+class _PoolAsMatmul(nn.Module):
+    """``AdaptiveAvgPool2d`` at one fixed input size as a product with its (out, in) averaging
+    matrix: the same numbers, and an operator ONNX has for any pair of sizes (the exporter refuses
+    adaptive pooling whose output size does not divide the input size)."""
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        rows = [_pool_weights(i, o) for i, o in zip(in_hw, out_hw)]
+        self.out_hw = out_hw
+        self.register_buffer("matrix", torch.kron(rows[0], rows[1]).T.contiguous())  # (in_h*in_w, out_h*out_w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x.flatten(2), self.matrix.to(x.dtype))
+        return y.reshape(*x.shape[:2], *self.out_hw)
+
+
+def _pool_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-d adaptive average pooling: PyTorch's windows [floor(i n / m), ceil((i+1) n / m))."""
+    w = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        w[i, lo:hi] = 1.0 / (hi - lo)
+    return w
+
+
+def _exportable(model: nn.Module, dummy: torch.Tensor) -> nn.Module:
+    """``model``, or a copy whose adaptive average pools that ONNX cannot express at this input size
+    (output size not dividing the input size, e.g. torchvision's AlexNet and VGG at 32 or 64
+    pixels) are replaced by :class:`_PoolAsMatmul`."""
+    sizes: dict[str, tuple[int, int]] = {}
+    def record(name: str):
+        return lambda module, inputs, output: sizes.__setitem__(name, tuple(inputs[0].shape[-2:]))
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.inference_mode():
+            model(dummy)
+    finally:
+        for h in hooks:
+            h.remove()
+    swap = {}
+    for name, (h, w) in sizes.items():
+        out = model.get_submodule(name).output_size
+        oh, ow = (out, out) if isinstance(out, int) else (out[0] or h, out[1] or w)  # None: the input's size
+        if h % oh or w % ow:
+            swap[name] = _PoolAsMatmul((h, w), (oh, ow))
+    if not swap:
+        return model
+    model = copy.deepcopy(model)
+    for name, module in swap.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module.to(dummy.device))
+    return model
+
+
 def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike, *, opset: int = OPSET,
                 extra_meta: dict[str, Any] | None = None) -> Path:
     """Export ``model`` to ``path`` with a dynamic batch axis and the deployment metadata, checked.
@@ -109,9 +165,10 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike,
     was_training = model.training
     model.eval()
     try:
+        exported = _exportable(model, dummy)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+            torch.onnx.export(exported, (dummy,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     except (RuntimeError, ValueError, TypeError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as e:

@@ -3,6 +3,8 @@ and ``load_checkpoint`` that names mismatched keys."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,13 +240,18 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, skip: Sequence[st
         checkpoint: what :func:`read_checkpoint` returned for ``path``, when already read.
     """
     state, meta = checkpoint if checkpoint is not None else read_checkpoint(path)
+    versions = getattr(state, "_metadata", None)
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
 
     def skipped(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in skip)
 
-    state = {k: v for k, v in state.items() if not skipped(k)}
-    own = {k: v for k, v in model.state_dict().items() if not skipped(k)}
+    current = model.state_dict()
+    state = OrderedDict((k, v) for k, v in state.items() if not skipped(k))
+    # The modules' state-dict versions (torchvision's MNASNet refuses a state without them): the
+    # file's where it kept them, else this model's own, which wrote the file in this toolkit.
+    state._metadata = versions if versions is not None else getattr(current, "_metadata", None)  # type: ignore[attr-defined]
+    own = {k: v for k, v in current.items() if not skipped(k)}
     problem = state_mismatch(own, state)
     if problem:
         raise UserError(f"checkpoint {str(path)!r} does not fit the model: {problem}{_saved_for(meta)}")
