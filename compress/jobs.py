@@ -40,6 +40,11 @@ def _write_config(folder: Path, doc: dict[str, Any]) -> None:
     atomic_write_text(folder / CONFIG, yaml.safe_dump({**doc, "environment": environment()}, sort_keys=False))
 
 
+# Options added since runs were first recorded, with the value that keeps the earlier behaviour: a
+# record without the key matches that value (and null, for any option), so such a run still resumes.
+ADDED_OPTIONS: dict[str, Any] = {"probe_lr_step": 1, "plateau_reference": "best_probe", "probe_preset": None}
+
+
 def _differences(there: Any, now: Any, key: str = "") -> list[str]:
     """The key paths where two recorded settings differ, each with both values (shortened)."""
     if isinstance(there, list) and isinstance(now, list) and len(there) == len(now):
@@ -49,8 +54,8 @@ def _differences(there: Any, now: Any, key: str = "") -> list[str]:
         out = []
         for k in list(now) + [k for k in there if k not in now]:
             sub = f"{key}.{k}" if key else str(k)
-            if k not in there and now[k] is None:  # an option added since, left unset (null): the earlier run's
-                continue  # behaviour, so a run recorded before it (e.g. before finetune.distill) still resumes
+            if k not in there and (now[k] is None or k in ADDED_OPTIONS and now[k] == ADDED_OPTIONS[k]):
+                continue  # an option added since, at the earlier behaviour (e.g. finetune.distill: null)
             if k not in there or k not in now:
                 out.append(f"{sub}: {'missing' if k not in there else shorten(there[k], 60)} there, "
                            f"{'missing' if k not in now else shorten(now[k], 60)} now")
@@ -194,7 +199,8 @@ def analyze(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: AnalysisConfig, o
         choices = bundle.for_choices(cfg.split)
         _write_config(out, settings(model=model_cfg, data=data_cfg, analysis=cfg, taps=tap_names))
         model_acc = evaluate(model, choices)
-        result = analyze_model(model, choices, tap_names, cfg, model_name=model_cfg.name, progress=progress)
+        result = analyze_model(model, choices, tap_names, cfg, model_name=model_cfg.name, progress=progress,
+                               model_accuracy=model_acc)
         result.model_accuracy = model_acc
         result.config = {"model": to_dict(model_cfg), "data": to_dict(data_cfg), "analysis": to_dict(cfg),
                          "split": choices.eval_split, "split_note": _split_note(choices, model_cfg)}

@@ -229,3 +229,18 @@ def test_a_run_recorded_before_distill_existed_still_resumes(tmp_path):
     check_resume(tmp_path / "config.yaml", now)  # distill unset now: the same run
     with pytest.raises(UserError, match=r"train\.distill: missing there"):
         check_resume(tmp_path / "config.yaml", settings(train=TrainConfig(epochs=2, distill=DistillConfig())))
+
+
+def test_a_run_recorded_before_the_probe_options_existed_still_resumes(tmp_path):
+    import yaml
+
+    from compress.analysis import AnalysisConfig
+    from compress.jobs import check_resume, settings
+
+    now = settings(analysis=AnalysisConfig())
+    added = ("probe_lr_step", "plateau_reference", "probe_preset")
+    old = {"analysis": {k: v for k, v in now["analysis"].items() if k not in added}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume(tmp_path / "config.yaml", now)  # the earlier behaviour: the same run
+    with pytest.raises(UserError, match=r"analysis\.probe_lr_step: missing there, 20 now"):
+        check_resume(tmp_path / "config.yaml", settings(analysis=AnalysisConfig(probe_lr_step=20)))

@@ -183,7 +183,7 @@ def test_compact_artifact_round_trips(tmp_path, k, cfg, files):
         assert "clipped" not in z.files and z["clipped_bits"].shape == (8, k, (k + 7) // 8)
         if "fields" in files:
             assert z["fields"].dtype == np.dtype(cfg.save_fields if cfg.save_fields != "auto" else "float32")
-    assert json.loads((tmp_path / "analysis.json").read_text())["artifact_version"] == 2
+    assert json.loads((tmp_path / "analysis.json").read_text())["artifact_version"] == 3  # 3: averaged fields (issue 15)
     back = load_analysis(tmp_path).taps[0]
     _assert_same_tap(tap, back)
     np.testing.assert_allclose(back.cluster_fields, tap.cluster_fields)

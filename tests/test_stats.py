@@ -33,7 +33,10 @@ def test_layer_stats_skip_filters_without_clusters():
     assert stats.size_fractions[:2] == pytest.approx([2 / 3, 1 / 3])
     assert stats.label_counts == [1, 1, 1, 1]
     est = snr_estimates(stats, n_filters=3, num_labels=4)
-    assert est["signal"] == pytest.approx(4 / 3 * 1.5 * 3 / 4)
+    # Eq. (1): the mean label count (4 memberships / 4 labels), not C_s N_c N_f / K = 1.5, which
+    # counts filter 2 (no cluster) as if it had N_c clusters (issue 15, point 6)
+    assert est["signal"] == pytest.approx(1.0)
+    assert est["signal"] == pytest.approx(4 / 3 * 1.5 * 2 / 4)  # C_s N_c times the filters that have a cluster
 
 
 def test_plateau_is_earliest_within_tolerance():

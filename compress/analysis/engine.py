@@ -14,12 +14,14 @@ from compress.progress import tqdm
 
 from compress import checks, distributed
 from compress.analysis.clusters import CHUNK_BYTES
-from compress.analysis.fields import AUTO_MAX_LABELS, class_sums, decision_filters, decision_matrices, scan_fields
+from compress.analysis.fields import (AUTO_MAX_LABELS, class_sums, decision_filters, decision_matrices, label_images,
+                                      label_means, scan_fields)
 from compress.analysis.result import AnalysisResult, TapAnalysis
 from compress.analysis.stats import find_plateau, layer_stats, snr_estimates
 from compress.data import DataBundle
 from compress.errors import OptionError, UserError
 from compress.analysis.features import FeatureCache, extract_features
+from compress.analysis.presets import PROBE_PRESETS, PUBLIC_CODE, PresetName
 from compress.analysis.probes import LinearProbe
 
 __all__ = ["AnalysisConfig", "analyze_model", "analyze_tap"]
@@ -29,18 +31,30 @@ __all__ = ["AnalysisConfig", "analyze_model", "analyze_tap"]
 class AnalysisConfig:
     """Settings of phases 2 and 3 (probe defaults from the method's public implementation).
 
+    The probe's optimiser values left unset come from ``probe_preset`` when one is named, else
+    from the public code (:data:`compress.analysis.presets.PUBLIC_CODE`); once built, every probe
+    field holds the value in force (so the recorded ``config.yaml`` lists them all).
+
     Attributes:
         taps: module paths or globs to analyse (default: the model's stage ends and final feature layer).
         split: where probe accuracies, the plateau and the field matrices are measured: val (the
             validation split, so choices made from them are not made on the test split) or test (the papers' setting).
         threshold: clipping threshold of the normalised field matrices, in (0, 1).
-        probe_epochs: training epochs of each linear probe.
-        probe_batch_size: images per probe step.
-        probe_lr: probe learning rate.
-        probe_momentum: probe SGD momentum.
-        probe_weight_decay: probe L2 weight decay.
-        probe_lr_decay: factor on the probe learning rate after every epoch.
-        plateau_tolerance: accuracy points below the best probe still counted as the plateau.
+        probe_preset: a published probe setting that sets the probe values below: public-code, tzach-vgg16,
+            tzach-vgg6, tzach-avgg16 (first paper), meir-cifar100, meir-cifar-k, meir-efficientnet (second paper);
+            a probe value given explicitly overrides the preset's (default: none, the public code's values).
+        probe_epochs: training epochs of each linear probe (default 200).
+        probe_batch_size: images per probe step (default: the preset's, else 100).
+        probe_lr: probe learning rate (default: the preset's, else 0.01).
+        probe_momentum: probe SGD Nesterov momentum (default: the preset's, else 0.975).
+        probe_weight_decay: probe L2 weight decay (default: the preset's, else 1e-3).
+        probe_lr_decay: q, the factor on the probe learning rate every probe_lr_step epochs (default: the
+            preset's, else 0.975).
+        probe_lr_step: dt, probe epochs between two decays of the learning rate (default: the preset's, else 1).
+        plateau_tolerance: accuracy points below the reference (plateau_reference) still counted as the plateau.
+        plateau_reference: what the plateau tolerance is measured from: best_probe (the best probe's accuracy)
+            or model (the whole model's accuracy on the same split, as the first paper compares; when no probe
+            comes within the tolerance of it, the best probe's).
         feature_dtype: precision of the cached tap features.
         max_memory_gb: memory budget: caches above half of it go to memory-mapped files; phase 3 chunks filters within it.
         cache_dir: folder for those files (default: a temporary folder).
@@ -54,13 +68,16 @@ class AnalysisConfig:
     taps: list[str] | None = None
     split: Literal["val", "test"] = "val"
     threshold: float = 0.3
-    probe_epochs: int = 200
-    probe_batch_size: int = 100
-    probe_lr: float = 0.01
-    probe_momentum: float = 0.975
-    probe_weight_decay: float = 1e-3
-    probe_lr_decay: float = 0.975
+    probe_preset: PresetName | None = None
+    probe_epochs: int | None = None
+    probe_batch_size: int | None = None
+    probe_lr: float | None = None
+    probe_momentum: float | None = None
+    probe_weight_decay: float | None = None
+    probe_lr_decay: float | None = None
+    probe_lr_step: int | None = None
     plateau_tolerance: float = 0.5
+    plateau_reference: Literal["best_probe", "model"] = "best_probe"
     feature_dtype: Literal["float32", "float16"] = "float32"
     max_memory_gb: float = 4.0
     cache_dir: str | None = None
@@ -71,6 +88,7 @@ class AnalysisConfig:
     save_fields: Literal["auto", "float32", "float16", "none"] = "auto"
 
     def __post_init__(self) -> None:
+        self._resolve_probe()
         if not re.fullmatch(r"auto|all|none|sample:[1-9][0-9]*", str(self.decision)):
             raise OptionError("decision", f"must be auto, all, none or sample:N with N >= 1, got {self.decision!r}")
         if not 0.0 < self.threshold < 1.0:
@@ -81,6 +99,9 @@ class AnalysisConfig:
         checks.number("probe_momentum", self.probe_momentum, low=0, high=1, high_open=True, hint="in [0, 1), e.g. 0.975")
         checks.number("probe_weight_decay", self.probe_weight_decay, low=0, high=1, hint="in [0, 1], e.g. 1e-3")
         checks.number("probe_lr_decay", self.probe_lr_decay, low=0, high=1, low_open=True, hint="in (0, 1], e.g. 0.975")
+        checks.integer("probe_lr_step", self.probe_lr_step, low=1, hint="epochs between two decays, e.g. 1 or 20")
+        if self.plateau_reference not in ("best_probe", "model"):
+            raise OptionError("plateau_reference", f"{self.plateau_reference!r}: must be best_probe or model")
         checks.number("plateau_tolerance", self.plateau_tolerance, low=0, high=100, hint="accuracy points, e.g. 0.5")
         checks.number("max_memory_gb", self.max_memory_gb, low=0, high=1e6, low_open=True, hint="GiB, e.g. 4")
         checks.integer("batch_size", self.batch_size, low=1, hint="images per forward pass, e.g. 100")
@@ -90,10 +111,20 @@ class AnalysisConfig:
         if self.taps is not None and (not self.taps or not all(isinstance(t, str) and t for t in self.taps)):
             raise OptionError("taps", "must be a non-empty list of module paths or globs (or left out: the model's own)")
 
+    def _resolve_probe(self) -> None:
+        """Fill every unset probe field from the preset, then from the public code's values."""
+        if self.probe_preset is not None and self.probe_preset not in PROBE_PRESETS:
+            raise OptionError("probe_preset", f"{self.probe_preset!r} is not a probe preset; choose one of "
+                                              f"{', '.join(PROBE_PRESETS)}")
+        preset = PROBE_PRESETS[self.probe_preset].values if self.probe_preset else {}
+        for key, default in PUBLIC_CODE.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, preset.get(key, default))
+
     def make_probe(self, num_classes: int) -> LinearProbe:
         return LinearProbe(num_classes, epochs=self.probe_epochs, batch_size=self.probe_batch_size, lr=self.probe_lr,
                            momentum=self.probe_momentum, weight_decay=self.probe_weight_decay,
-                           lr_decay=self.probe_lr_decay, seed=self.seed)
+                           lr_decay=self.probe_lr_decay, lr_step=self.probe_lr_step, seed=self.seed)
 
 
 def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes: int, threshold: float,
@@ -101,7 +132,10 @@ def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes
                 cfg: AnalysisConfig | None = None) -> TapAnalysis:
     """Phase 3 for one tap: field and decision matrices, clipping, clusters, noise, statistics, SNR.
 
-    The features are summed per true label once; the (C, K, K) matrices are then computed,
+    The features are summed per true label once and divided by the label's number of images
+    (:func:`~compress.analysis.fields.label_means`: the field matrices are per-label means, and on
+    a balanced set the clusters and noise are bit for bit those of the sums); the (C, K, K)
+    matrices are then computed,
     clipped and searched for clusters in chunks of filters whose dense temporaries take at most
     ``cfg.max_memory_gb / 64``, between 16 and 64 MiB (larger chunks only add page faults).
     What stays in memory besides the features: the class sums (K x C x H x W float64), the
@@ -128,8 +162,9 @@ def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes
     if keep != "none" and kept_gb > cfg.max_memory_gb:
         warnings.warn(f"{name}: keeping the fields (save_fields {keep}) takes {kept_gb:.1f} GiB, more than "
                       f"max_memory_gb {cfg.max_memory_gb:g}", stacklevel=2)
-    sums = class_sums(feats, test.labels, num_classes, budget)
-    scan = scan_fields(sums, weight, threshold, keep=None if keep == "none" else keep, budget=budget)
+    counts = label_images(test.labels, num_classes)
+    sums, unit = label_means(class_sums(feats, test.labels, num_classes, budget), counts)
+    scan = scan_fields(sums, weight, threshold, keep=None if keep == "none" else keep, budget=budget, unit=unit)
     chosen = decision_filters(cfg.decision, scan.cluster_ids)
     decision = None if chosen is None else decision_matrices(feats, test.labels, weight, num_classes, chosen, budget)
     stats = layer_stats(scan.cluster_ids, scan.noise)
@@ -139,7 +174,7 @@ def analyze_tap(name: str, weight: torch.Tensor, test: FeatureCache, num_classes
         decision=decision, normalized=scan.normalized, clipped=scan.clipped, cluster_ids=scan.cluster_ids.numpy(),
         noise=scan.noise.numpy(), stats=stats, estimates=snr_estimates(stats, c, num_classes),
         snr={kind: {p: v.numpy() for p, v in parts.items()} for kind, parts in scan.snr.items()},
-        cluster_fields=scan.cluster_fields.numpy(),
+        cluster_fields=scan.cluster_fields.numpy(), label_images=counts.numpy(),
     )
 
 
@@ -169,7 +204,8 @@ def _fit_probes(cfg: AnalysisConfig, k: int, taps: Sequence[str], train: Feature
 
 
 def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg: AnalysisConfig = AnalysisConfig(),
-                  *, model_name: str = "", progress: bool = True, timings: dict | None = None) -> AnalysisResult:
+                  *, model_name: str = "", progress: bool = True, timings: dict | None = None,
+                  model_accuracy: float | None = None) -> AnalysisResult:
     """Run phases 2 and 3 of the method on a trained ``model``.
 
     Features of all taps come from one pass over the training and one over the test images;
@@ -188,6 +224,9 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
         model_name: recorded in the result.
         progress: progress bars.
         timings: if given, filled with seconds spent in ``features``, ``probes`` and ``phase3``.
+        model_accuracy: the model's accuracy on ``bundle.test`` (recorded in the result; with
+            ``cfg.plateau_reference`` model, the plateau's reference); measured here when
+            ``plateau_reference`` is model, it is not given and there are several taps.
     """
     if not taps:
         raise UserError("no taps to analyse; name them with --taps")
@@ -210,6 +249,12 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
         results.append(analyze_tap(name, weight, test, k, cfg.threshold, accuracy=accuracy,
                                    train_accuracy=train_accuracy, cfg=cfg))
     timings["phase3"] = time.perf_counter() - t0
-    plateau = find_plateau([r.accuracy for r in results], cfg.plateau_tolerance)
+    if cfg.plateau_reference == "model" and model_accuracy is None and len(results) > 1:  # one tap: it is the plateau
+        from compress.training import evaluate
+
+        model_accuracy = evaluate(model, bundle)
+    reference = model_accuracy if cfg.plateau_reference == "model" else None
+    plateau = find_plateau([r.accuracy for r in results], cfg.plateau_tolerance, reference)
     return AnalysisResult(model=model_name, dataset=bundle.name, label_names=list(bundle.label_names), taps=results,
-                          plateau=results[plateau].name, plateau_tolerance=cfg.plateau_tolerance)
+                          plateau=results[plateau].name, plateau_tolerance=cfg.plateau_tolerance,
+                          model_accuracy=model_accuracy, plateau_reference=cfg.plateau_reference)

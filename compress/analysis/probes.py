@@ -16,7 +16,8 @@ class LinearProbe:
 
     Defaults follow the public implementation of the method: 200 epochs, batch 100, lr 0.01,
     momentum 0.975, weight decay 1e-3, learning rate x0.975 per epoch, uniform init in
-    +-1/sqrt(fan_in).
+    +-1/sqrt(fan_in). The papers' probes decay the learning rate in steps instead (x0.6 every 20
+    epochs, ``lr_step=20``; see :mod:`compress.analysis.presets`).
 
     Args:
         num_classes: K.
@@ -25,7 +26,8 @@ class LinearProbe:
         lr: initial learning rate.
         momentum: Nesterov momentum.
         weight_decay: L2 coefficient.
-        lr_decay: learning rate factor applied after every epoch.
+        lr_decay: learning rate factor applied every ``lr_step`` epochs.
+        lr_step: epochs between two decays (1: after every epoch).
         seed: seed of the initialisation and the shuffling.
         device: where to train (default CUDA when present).
 
@@ -35,8 +37,8 @@ class LinearProbe:
     """
 
     def __init__(self, num_classes: int, *, epochs: int = 200, batch_size: int = 100, lr: float = 0.01,
-                 momentum: float = 0.975, weight_decay: float = 1e-3, lr_decay: float = 0.975, seed: int = 0,
-                 device: torch.device | str | None = None):
+                 momentum: float = 0.975, weight_decay: float = 1e-3, lr_decay: float = 0.975, lr_step: int = 1,
+                 seed: int = 0, device: torch.device | str | None = None):
         self.num_classes = num_classes
         self.epochs = epochs
         self.batch_size = batch_size
@@ -44,6 +46,7 @@ class LinearProbe:
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.lr_decay = lr_decay
+        self.lr_step = lr_step
         self.seed = seed
         self.device = device
 
@@ -59,7 +62,10 @@ class LinearProbe:
         bound = 1.0 / math.sqrt(d)
         w = (torch.rand(self.num_classes, d, generator=gen) * 2 - 1).mul_(bound).to(device).requires_grad_(True)
         opt = torch.optim.SGD([w], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=True)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=self.lr_decay)
+        if self.lr_step == 1:  # x lr_decay after every epoch
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=self.lr_decay)
+        else:  # x lr_decay every lr_step epochs (the papers' (q, dt) schedule)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.lr_step, gamma=self.lr_decay)
         # Small caches move to the device once; large ones stream batch by batch.
         resident = x_all.numel() * 4 < 2**30 or device.type == "cpu"
         x_dev = x_all.to(device) if resident else x_all

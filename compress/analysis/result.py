@@ -5,6 +5,12 @@ axis), the decision matrices as their non-zero entries and only when computed, a
 normalised fields in float32 or float16 only when asked for (the default up to K = 100):
 at K = 1,000 and 1,280 filters each dense (C, K, K) float32 array is 5 GB. Format 1 (dense
 ``clipped``, ``decision``, ``fields`` and ``normalized`` in every tap) is still read.
+
+Format 3 (issue 15) averages the field matrices per true label (the sum over the label's images
+divided by their number) where formats 1 and 2 stored the sums, and stores those numbers
+(``label_images``); ``analysis.json`` records ``plateau_reference``. The clipped matrices,
+clusters and noise of a balanced set are the same in all three; formats 1 and 2 are still read,
+their ``fields`` being sums (``TapAnalysis.label_images`` is None there).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from compress.io import atomic_write_bytes, atomic_write_text
 __all__ = ["LayerStats", "TapAnalysis", "AnalysisResult", "load_analysis", "PackedMatrices", "SparseMatrices",
            "pack_rows"]
 
-ARTIFACT_VERSION = 2
+ARTIFACT_VERSION = 3
 _PACK_MAGIC = np.uint64(0x8040201008040201)  # moves byte i's low bit to bit 63 - i of the product
 
 
@@ -178,7 +184,8 @@ class TapAnalysis:
     Array attributes (K labels, C filters, H x W spatial positions):
         probe_weight: (K, C, H, W) bias-free probe weight.
         fields: (C, K, K) raw output fields, row = true label, column = output unit,
-            summed over the test inputs; float32 or float16, or None when not kept
+            averaged over the label's test inputs (format 3; summed in formats 1 and 2, where
+            ``label_images`` is None); float32 or float16, or None when not kept
             (``save_fields``; kept by default up to K = 100).
         decision: (C, K, K) single-filter decision matrix of Fig. 3B, rows normalised: a dense
             array, a :class:`SparseMatrices` (possibly of a sample of the filters), or None
@@ -191,8 +198,11 @@ class TapAnalysis:
         noise: (C,) int, ones of ``clipped`` outside the clusters.
         snr: per-label signal and noise, ``{"boolean"|"field": {"signal"|"noise_internal"|
             "noise_external": (K,) array}}`` (Eqs. (1)-(4), Fig. 2).
-        cluster_fields: (C,) float64, each filter's raw fields summed over the label pairs that
-            share one of its clusters (the strength of its clusters), or None (format 1).
+        cluster_fields: (C,) float64, each filter's raw fields (as ``fields``: per-label means)
+            summed over the label pairs that share one of its clusters (the strength of its
+            clusters), or None (format 1).
+        label_images: (K,) int64, the test images of each label the fields are averaged over, or
+            None (formats 1 and 2, whose fields are sums).
     """
 
     name: str
@@ -212,6 +222,7 @@ class TapAnalysis:
     snr: dict[str, dict[str, np.ndarray]]
     estimates: dict[str, float] = field(default_factory=dict)
     cluster_fields: np.ndarray | None = None
+    label_images: np.ndarray | None = None
 
     @property
     def fc_size(self) -> int:
@@ -251,7 +262,7 @@ class TapAnalysis:
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays written to the tap's NPZ file (format 2, see the module docstring)."""
+        """The arrays written to the tap's NPZ file (format 3, see the module docstring)."""
         clipped = self.clipped if isinstance(self.clipped, PackedMatrices) else PackedMatrices.from_dense(self.clipped)
         out = {
             "probe_weight": np.asarray(self.probe_weight, dtype=np.float32),
@@ -272,6 +283,8 @@ class TapAnalysis:
             out["decision"] = np.asarray(self.decision, dtype=np.float32)
         if self.cluster_fields is not None:
             out["cluster_fields"] = np.asarray(self.cluster_fields, dtype=np.float64)
+        if self.label_images is not None:
+            out["label_images"] = np.asarray(self.label_images, dtype=np.int64)
         for kind, parts in self.snr.items():
             for key, value in parts.items():
                 out[f"snr_{kind}_{key}"] = np.asarray(value, dtype=np.float64)
@@ -279,7 +292,7 @@ class TapAnalysis:
 
 
 def _tap_arrays(a: dict[str, np.ndarray], n_filters: int) -> dict:
-    """The array attributes of a :class:`TapAnalysis` from a tap's NPZ members (format 1 or 2)."""
+    """The array attributes of a :class:`TapAnalysis` from a tap's NPZ members (format 1, 2 or 3)."""
     k = a["cluster_ids"].shape[1]
     if "clipped_bits" in a:
         clipped = PackedMatrices(a["clipped_bits"], k)
@@ -289,9 +302,13 @@ def _tap_arrays(a: dict[str, np.ndarray], n_filters: int) -> dict:
         decision = SparseMatrices(a["decision_filters"], a["decision_index"], a["decision_values"], n_filters, k)
     else:
         decision = a.get("decision")
+    counts = a.get("label_images")
+    if counts is not None and counts.shape != (k,):
+        raise ValueError(f"label_images has shape {counts.shape}, not ({k},)")
     return dict(probe_weight=a["probe_weight"], fields=a.get("fields"), decision=decision,
                 normalized=a.get("normalized"), clipped=clipped, cluster_ids=a["cluster_ids"].astype(np.int64),
-                noise=a["noise"].astype(np.int64), cluster_fields=a.get("cluster_fields"))
+                noise=a["noise"].astype(np.int64), cluster_fields=a.get("cluster_fields"),
+                label_images=counts)
 
 
 @dataclass
@@ -306,6 +323,7 @@ class AnalysisResult:
     plateau_tolerance: float
     model_accuracy: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    plateau_reference: str = "best_probe"
 
     @property
     def num_classes(self) -> int:
@@ -329,6 +347,7 @@ class AnalysisResult:
             "model_accuracy": self.model_accuracy,
             "plateau": self.plateau,
             "plateau_tolerance": self.plateau_tolerance,
+            "plateau_reference": self.plateau_reference,
             "config": self.config,  # the settings, and which split the accuracies and fields come from
             "taps": [t.summary() for t in self.taps],
         }
@@ -349,7 +368,7 @@ class AnalysisResult:
 
 
 def load_analysis(folder: str | os.PathLike) -> AnalysisResult:
-    """Read back an analysis written by :meth:`AnalysisResult.save` (artifact format 1 or 2).
+    """Read back an analysis written by :meth:`AnalysisResult.save` (artifact format 1, 2 or 3).
 
     The files are untrusted: a damaged, truncated or foreign artifact, or a tap name that would
     reach outside ``arrays/``, is a :class:`~compress.errors.UserError` naming the folder.
@@ -405,4 +424,5 @@ def _read_analysis(folder: Path, summary: Any) -> AnalysisResult:
         model=summary["model"], dataset=summary["dataset"], label_names=summary["label_names"],
         taps=taps, plateau=summary["plateau"], plateau_tolerance=summary["plateau_tolerance"],
         model_accuracy=summary.get("model_accuracy"), config=summary.get("config", {}),
+        plateau_reference=summary.get("plateau_reference", "best_probe"),
     )

@@ -3,6 +3,8 @@ signal-to-noise ratios of Eqs. (1)-(4), Boolean and field versions (Fig. 2)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -136,9 +138,19 @@ def snr_from_sums(sums: dict, k: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def snr_estimates(stats: LayerStats, n_filters: int, num_labels: int) -> dict[str, float]:
-    """The papers' Eqs. (1)-(4) from the layer averages."""
-    cs, nc, n = stats.cluster_size, stats.clusters_per_filter, stats.noise
-    signal = cs * nc * n_filters / num_labels
+    """The second paper's Eqs. (1)-(4) from the layer averages.
+
+    Eq. (1), the signal, is "the average appearance number of each label in the clusters of the
+    layer": the mean of ``stats.label_counts``. The paper writes it ``C_s N_c N_f / N_l``, which
+    equals that mean only when every filter has a cluster: ``N_c`` averages over the filters that
+    have one, so multiplying it by all ``N_f`` filters would overcount by the filters without
+    any. Eqs. (2)-(4) follow from it: ``noise_I = (C_s - 1) / (N_l - 1) * signal``,
+    ``noise_E = n N_f / N_l^2`` (``n`` the mean noise of the filters with a cluster), and
+    ``SNR_I``, ``SNR_E`` their ratios to the signal.
+    """
+    cs, n = stats.cluster_size, stats.noise
+    counts = stats.label_counts
+    signal = float(sum(counts)) / num_labels if num_labels else 0.0
     noise_i = (cs - 1) / max(num_labels - 1, 1) * signal
     noise_e = n * n_filters / num_labels**2
     inf = float("inf")
@@ -147,10 +159,13 @@ def snr_estimates(stats: LayerStats, n_filters: int, num_labels: int) -> dict[st
             "snr_external": signal / noise_e if noise_e > 0 else inf}
 
 
-def find_plateau(accuracies: list[float], tolerance_points: float = 0.5) -> int:
+def find_plateau(accuracies: list[float], tolerance_points: float = 0.5, reference: float | None = None) -> int:
     """Index of the earliest tap whose accuracy is within ``tolerance_points`` (percentage points)
-    of the best."""
+    of ``reference`` (``plateau_reference: model``: the whole model's accuracy), or of the best
+    tap when ``reference`` is None or no tap comes that close to it (``best_probe``)."""
     if not accuracies:
         raise ValueError("no accuracies to find a plateau in")
     best = max(accuracies)
+    if reference is not None and math.isfinite(reference) and best >= reference - tolerance_points / 100.0 - 1e-12:
+        best = reference
     return next(i for i, a in enumerate(accuracies) if a >= best - tolerance_points / 100.0 - 1e-12)

@@ -1,13 +1,17 @@
 """Filter dilution by label coverage: pick the filters of a conv layer that keep every label covered
-and balanced (the papers' Fig. 5B condition), remove the others with Torch-Pruning, replay it.
+and balanced, remove the others with Torch-Pruning, replay it.
 
 A label is *covered* by a filter when it belongs to one of that filter's clusters (a label sits in
 at most one cluster per filter, so its cluster count in a layer is the number of filters covering
-it). The papers remove ~150 of the 512 filters of VGG-16 layer 13 without losing accuracy as long
-as every label stays (almost equally) present in the clusters; :func:`select_filters` keeps such a
-set, :func:`dilute` removes the rest for real and records a replayable ``prune`` transform, and
+it). What the first paper did (Tzach et al., Discussion): it removed about 150 of the 512 filters
+of VGG-16 layer 13 *at random* and kept the accuracy, and it names equal label coverage (Fig. 5B:
+each label appears in about the same number of clusters) as the condition that held. It did not
+choose filters by coverage. Choosing them so that coverage stays met and balanced is this
+toolkit's own criterion, built on that observation: :func:`select_filters` keeps such a set,
+:func:`dilute` removes the rest for real and records a replayable ``prune`` transform, and
 :class:`ClusterCoverageImportance` lets Torch-Pruning's pruners use the same criterion on many
-layers at once.
+layers at once. :func:`dilute_by_coverage` with ``criterion="random"`` removes filters at random
+instead (the paper's procedure, as a control), reporting the coverage that results.
 """
 
 from __future__ import annotations
@@ -331,9 +335,9 @@ def round_up(count: int, multiple: int | None, limit: int) -> int:
 
 def dilute_by_coverage(model: nn.Module, analysis: AnalysisResult, *, layer: str | None = None,
                        tap: str | None = None, target: int | None = None, min_coverage: int = 1,
-                       round_to: int | None = None,
-                       example_inputs: torch.Tensor | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Select by coverage and dilute one conv layer: the issue's whole recipe.
+                       round_to: int | None = None, example_inputs: torch.Tensor | None = None,
+                       criterion: str = "coverage", seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """Select by coverage (or at random) and dilute one conv layer.
 
     Args:
         model: the analysed network (changed in place).
@@ -347,6 +351,10 @@ def dilute_by_coverage(model: nn.Module, analysis: AnalysisResult, *, layer: str
             kernels run faster on widths that are multiples of 8 or 16 than on the odd width
             between, so fewer FLOPs can otherwise mean no speed-up.
         example_inputs: tracing batch (see :func:`dilute`).
+        criterion: coverage (this toolkit's selection, :func:`select_filters`) or random (keep
+            ``target`` filters drawn uniformly with ``seed``: the first paper's random removal, a
+            control; ``target`` is then required).
+        seed: the seed of the random draw.
 
     Returns:
         ``(model, report)`` with the report of :func:`dilution_report`.
@@ -368,13 +376,28 @@ def dilute_by_coverage(model: nn.Module, analysis: AnalysisResult, *, layer: str
                         f"{conv.out_channels} filters: the tap concatenates or reorders the outputs of several convs "
                         f"(dense blocks, Inception and Fire modules, mixed convs, channel shuffles), which dilution "
                         f"does not follow; dilute a tap whose channels are one conv's filters")
-    scores = filter_scores(tap_a)
-    keep = select_filters(tap_a.cluster_ids, scores, target=target, min_coverage=min_coverage, layer=layer)
-    rounded = round_up(len(keep), round_to, conv.out_channels)
-    if rounded != len(keep):
-        keep = select_filters(tap_a.cluster_ids, scores, target=rounded, min_coverage=min_coverage, layer=layer)
+    if criterion == "random":
+        if target is None:
+            raise UserError("random dilution needs a target (a count or a fraction of the filters); 'auto' is the "
+                            "coverage criterion's")
+        if not 1 <= target <= conv.out_channels:
+            raise UserError(f"dilution target {target} is outside 1..{conv.out_channels}, the filters of {layer}")
+        count = round_up(target, round_to, conv.out_channels)
+        gen = torch.Generator().manual_seed(int(seed))
+        keep = sorted(torch.randperm(conv.out_channels, generator=gen)[:count].tolist())
+    elif criterion == "coverage":
+        scores = filter_scores(tap_a)
+        keep = select_filters(tap_a.cluster_ids, scores, target=target, min_coverage=min_coverage, layer=layer)
+        rounded = round_up(len(keep), round_to, conv.out_channels)
+        if rounded != len(keep):
+            keep = select_filters(tap_a.cluster_ids, scores, target=rounded, min_coverage=min_coverage, layer=layer)
+    else:
+        raise UserError(f"dilution criterion {criterion!r}: choose coverage or random")
     dilute(model, layer, keep, example_inputs)
     report = dilution_report(tap_a.cluster_ids, keep, layer, min_coverage=min_coverage)
+    report["criterion"] = criterion
+    if criterion == "random":
+        report["seed"] = int(seed)
     if round_to is not None:
         report["round_to"] = round_to
     return model, report

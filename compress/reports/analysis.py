@@ -90,9 +90,13 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
     tol = result.plateau_tolerance
     best = max(taps, key=lambda t: t.accuracy) if taps else None
     best_text = f" tap ({best.name}, {best.accuracy:.3f})" if best is not None else ""
+    reference = f"the best{best_text}"
+    if getattr(result, "plateau_reference", "best_probe") == "model" and result.model_accuracy is not None:
+        reference = (f"the model's accuracy ({result.model_accuracy:.3f}; the best{best_text} where no tap comes "
+                     f"that close)")
     blocks.append(_Para(
         f"Plateau tap: {result.plateau}, the earliest tap within {tol:g} accuracy points "
-        f"({tol / 100:g} in accuracy) of the best{best_text}: layers after it add nothing to the probe accuracy."
+        f"({tol / 100:g} in accuracy) of {reference}: layers after it add nothing to the probe accuracy."
     ))
 
     blocks += [_Heading(2, "Accuracy and filter statistics per tap"), _stats_table(result), _Para(_LEGEND)]
@@ -106,11 +110,13 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
         "Measured over labels from the clusters of each tap: signal = appearances of a label on the "
         "diagonal of its clusters, noise_I = other labels inside those clusters, noise_E = ones outside "
         "the clusters on the label's row, both per competing label (divided by K - 1); Boolean = clipped "
-        "matrices, field = the raw summed fields at the same positions. SNR_I = signal / noise_I, SNR_E = signal / noise_E (means over labels)."
+        "matrices, field = the raw fields at the same positions (per-label means of the images' fields; sums in "
+        "analyses written before artifact format 3). SNR_I = signal / noise_I, SNR_E = signal / noise_E (means over labels)."
     ), _snr_table(taps)]
     estimates = _estimates_table(taps)
     if estimates is not None:
-        blocks += [_Para("Estimates from the table averages (Eqs. (1)-(4)):"), estimates]
+        blocks += [_Para("Estimates from the table averages (Eqs. (1)-(4); the signal, Eq. (1), is the mean number of "
+                          "clusters a label is in, the paper's 'average appearance number of each label'):"), estimates]
     snr_tap = plateau if plateau is not None else taps[-1]
     if snr_tap.snr:
         blocks.append(_snr_figure(snr_tap, names, _file_stem(taps, snr_tap)))

@@ -19,8 +19,8 @@ from compress.compression.cut import CUT_HEAD, cut_features, find_classifier, is
 from compress.compression.dilute import find_tap_conv
 from compress.compression.trim import head_path as trimmed_head
 from compress.compression.trim import sequential_trunk
-from compress.errors import UserError
-from compress.models.introspect import get_module
+from compress.errors import OptionError, UserError
+from compress.models.introspect import get_module, match_modules
 from compress.recipe.state import RunState
 from compress.recipe.step import CheckContext, Step, register_step
 from compress.recipe.steps.finetune import Finetune, finetune
@@ -48,7 +48,9 @@ class Afcc(Step):
         head: module path of the linear head (e.g. classifier, fc, head.fc, trim_head.out); unset:
             see above.
         train: what the masked fine-tuning trains: head, head+stage (the head and the conv stage
-            before it), all, or none.
+            before it), all, none, or a list of module paths or globs whose parameters train, where
+            head stands for the AFCC head (e.g. [head, features.conv10]: the head and the 10th conv
+            layer, the second paper's VGG-16 fine-tuning).
         finetune: the masked fine-tuning (the options of the finetune step; with distill the
             original model is the teacher).
         sparse: store the head as its kept connections only (smaller file, exported as such).
@@ -56,13 +58,23 @@ class Afcc(Step):
 
     tap: str = "last"
     head: str | None = None
-    train: Literal["head", "head+stage", "all", "none"] = "head"
+    train: Literal["head", "head+stage", "all", "none"] | list[str] = "head"
     finetune: Finetune = field(default_factory=lambda: Finetune(epochs=3, lr=0.001))
     sparse: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, list):
+            if not self.train or not all(isinstance(t, str) and t for t in self.train):
+                raise OptionError("train", f"{self.train!r}: a list of module paths (or head) must name at least one "
+                                           f"module, e.g. [head, features.conv10]")
 
     def check(self, ctx: CheckContext) -> None:
         if self.tap not in ("plateau", "last"):
             ctx.require_modules("tap", [self.tap])
+        if isinstance(self.train, list):
+            named = [t for t in self.train if t != "head"]
+            if named:
+                ctx.require_modules("train", named)
         trimmed = any(s.name == "trim" for s in ctx.previous) or self.tap != "last"
         if self.head is not None and not (trimmed and self.head.startswith(CUT_HEAD + ".")):
             ctx.require_modules("head", [self.head])
@@ -88,6 +100,8 @@ class Afcc(Step):
                 select_trainable(state.model, [head_path])
             elif self.train == "head+stage":
                 select_trainable(state.model, [head_path, *_last_stage(state.model, info.get("tap", head_path))])
+            elif isinstance(self.train, list):
+                info["trained"] = _select_listed(state.model, head_path, self.train)
             info["finetune"] = finetune(state, self.finetune, folder)
         if self.sparse:
             dense = copy.deepcopy(state.model.get_submodule(head_path)).cpu()
@@ -120,6 +134,22 @@ class Afcc(Step):
             raise UserError(f"afcc.head {self.head!r}: the trim at afcc.tap {tap!r} left the head {path!r}")
         key = cut_features(model) if is_cut(model) else tap
         return path, key, extract_features(model, state.bundle, state.bundle.test, [key], progress=False)
+
+
+def _select_listed(model: nn.Module, head_path: str, names: list[str]) -> list[str]:
+    """Train only the modules of ``afcc.train`` given as a list (``head`` = the AFCC head; paths
+    or globs); returns the module paths. A module whose parameters an earlier step removed (e.g.
+    after a trim) is an error naming it."""
+    named = [n for n in names if n != "head"]
+    paths = match_modules(model, named, "afcc.train module") if named else []
+    if "head" in names and head_path not in paths:
+        paths = [head_path, *paths]
+    empty = [p for p in paths if not any(True for _ in model.get_submodule(p).parameters())]
+    if empty:
+        raise UserError(f"afcc.train {empty!r}: no parameters left to train there (removed by an earlier step such as "
+                        f"trim?); name modules the model still has")
+    select_trainable(model, paths)
+    return paths
 
 
 def _ends_at(model: nn.Module, tap: str) -> bool:

@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch.nn as nn
 
 from compress.compression.dilute import dilute_by_coverage, find_tap_conv
-from compress.errors import UserError
+from compress import checks
+from compress.errors import OptionError, UserError
 from compress.models import resolve_taps
 from compress.recipe.state import RunState
 from compress.recipe.step import CheckContext, Step, register_step
@@ -23,6 +24,10 @@ __all__ = ["Dilute"]
 class Dilute(Step):
     """Remove filters of a conv layer while every label stays in at least ``min_coverage`` clusters.
 
+    Choosing the filters by label coverage is this toolkit's criterion: the first paper removed
+    about 150 of VGG-16's 512 layer-13 filters at random and observed that equal label coverage
+    held; criterion random repeats that as a control.
+
     Attributes:
         layer: the conv layer to dilute (default: the last conv before ``tap``).
         tap: the analysed tap whose clusters decide (plateau, last or a tap name).
@@ -30,6 +35,11 @@ class Dilute(Step):
             filters that keep every label covered min_coverage times).
         min_coverage: clusters every label must stay in.
         round_to: keep a multiple of this many filters (rounded up), for faster conv kernels.
+        criterion: coverage (keep the filters that keep every label covered, balanced, preferring
+            low-noise, high-field filters; this toolkit's own rule) or random (keep target filters
+            drawn at random with seed, the first paper's removal, as a control; needs a count or
+            fraction target; the report shows the coverage left).
+        seed: the random draw of criterion random.
     """
 
     layer: str | None = None
@@ -37,6 +47,8 @@ class Dilute(Step):
     target: int | float | Literal["auto"] = "auto"
     min_coverage: int = 1
     round_to: int | None = None
+    criterion: Literal["coverage", "random"] = "coverage"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.target, float) and not 0 < self.target < 1:
@@ -47,6 +59,10 @@ class Dilute(Step):
             raise UserError(f"dilute.round_to {self.round_to} must be a positive number of filters (e.g. 8)")
         if self.min_coverage < 1:
             raise UserError(f"dilute.min_coverage {self.min_coverage} must be at least 1")
+        if self.criterion == "random" and self.target == "auto":
+            raise OptionError("target", "'auto' is the coverage criterion's (the fewest filters that keep every label "
+                                        "covered); criterion random needs a count (350) or a fraction (0.7)")
+        checks.seed("seed", self.seed)
 
     def check(self, ctx: CheckContext) -> None:
         if self.tap not in ("plateau", "last"):
@@ -86,7 +102,8 @@ class Dilute(Step):
             target = max(1, round(target * width))
         try:
             _, info = dilute_by_coverage(state.model, state.analysis, layer=self.layer, tap=tap, target=target,
-                                         min_coverage=self.min_coverage, round_to=self.round_to)
+                                         min_coverage=self.min_coverage, round_to=self.round_to,
+                                         criterion=self.criterion, seed=self.seed)
         except UserError as e:
             raise UserError(f"dilute.layer {layer!r} (the conv of dilute.tap {tap!r}): {e}; set dilute.layer or "
                             f"dilute.tap to another conv or tap") from None
