@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1] / "compress"
 
 # Bottom to top: a module may import its own layer's modules and those of lower layers only.
 LAYERS = [
-    ["compress._version", "compress.errors", "compress.checks", "compress.yamlsafe", "compress.images"],
+    ["compress._version", "compress.errors", "compress.checks", "compress.yamlsafe", "compress.images",
+     "compress.labelsets"],
     ["compress.distributed", "compress.config"],
     ["compress.io", "compress.system", "compress.progress"],
     ["compress.models"],
@@ -23,7 +24,7 @@ LAYERS = [
     ["compress.deploy"],
     ["compress.reports"],
     ["compress.jobs"],
-    ["compress.recipe"],
+    ["compress.recipe", "compress.optimize"],
     ["compress.cli"],
 ]
 

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from compress.cli import analysis, deploy, run
+from compress.cli import analysis, deploy, optimize, run
 from compress.errors import UserError, clip
 
 __all__ = ["build_parser", "main"]
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_commands(sub)
     analysis.add_commands(sub)
     deploy.add_commands(sub)
+    optimize.add_commands(sub)
     return parser
 
 
