@@ -4,7 +4,8 @@ On a terminal, :data:`tqdm` is ``tqdm.auto``'s bar, redrawn in place. When stand
 file or a pipe (a log of ``nohup``, a CI job, ``torchrun``'s captured output), a bar redrawn with
 carriage returns fills the log with thousands of fragments; there :data:`tqdm` is
 :class:`LineProgress` instead: the same interface, printing one plain, complete line at most
-every :data:`LOG_INTERVAL` seconds (and one at the end), e.g.::
+every :data:`LOG_INTERVAL` seconds (and the final state of a bar that printed before; a loop
+shorter than the interval prints nothing), e.g.::
 
     epoch 3/12: 236/450 (52%) 03:53 elapsed, 02:46 left, 1.28it/s, acc=0.563, loss=1.270
 
@@ -27,7 +28,8 @@ LOG_INTERVAL = 30.0  # seconds between two progress lines in a log
 
 class LineProgress(_std_tqdm):
     """A tqdm whose every display is one plain line (no carriage return, no bar), at most one
-    per ``mininterval`` seconds (default :data:`LOG_INTERVAL`), plus the final one."""
+    per ``mininterval`` seconds (default :data:`LOG_INTERVAL`), none at the start, and the final
+    state of a bar that printed before."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("mininterval", LOG_INTERVAL)
@@ -55,6 +57,8 @@ class LineProgress(_std_tqdm):
         if self.disable:
             return False
         if msg is None:
+            if self.n == 0:  # the start says nothing a log needs (short loops print no line at all)
+                return True
             msg = self.format_meter(**self.format_dict)
         if msg.strip():  # tqdm clears a bar with an empty message: nothing to print in a log
             self.fp.write(msg.strip() + "\n")
@@ -65,8 +69,8 @@ class LineProgress(_std_tqdm):
     def close(self) -> None:
         if self.disable:
             return
-        if self.leave and self._printed != self.n and getattr(self, "last_print_t", None) is not None:
-            self.display()  # the final state, once
+        if self.leave and self._printed is not None and self._printed != self.n:
+            self.display()  # the final state of a bar long enough to have printed before
         fp, self.fp = self.fp, _Discard()  # tqdm's own closing newline or clearing is not for a log
         try:
             super().close()

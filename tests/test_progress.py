@@ -24,7 +24,7 @@ def test_a_log_gets_whole_lines_at_most_every_interval_and_the_final_state():
     assert "\r" not in text and "\x1b" not in text
     lines = text.splitlines()
     assert 2 <= len(lines) < 40  # periodic, not one per step
-    assert all(line.startswith("epoch 1/2: ") for line in lines)
+    assert all(line.startswith("epoch 1/2: ") for line in lines) and "0/40" not in text
     assert lines[-1].startswith("epoch 1/2: 40/40 (100%)") and lines[-1].endswith("loss=39.0")
 
 
@@ -32,7 +32,7 @@ def test_an_inner_bar_that_does_not_stay_prints_no_closing_line_and_disabled_pri
     out = io.StringIO()
     for _ in tqdm(range(3), file=out, leave=False, mininterval=60):
         pass
-    assert out.getvalue().splitlines() == ["0/3 (0%) 00:00 elapsed, ? left, ?it/s"]
+    assert out.getvalue() == ""  # shorter than the interval: the loop's own summary is enough
     quiet = io.StringIO()
     for _ in tqdm(range(3), file=quiet, disable=True):
         pass
