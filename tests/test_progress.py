@@ -24,7 +24,7 @@ def test_a_log_gets_whole_lines_at_most_every_interval_and_the_final_state():
     assert "\r" not in text and "\x1b" not in text
     lines = text.splitlines()
     assert 2 <= len(lines) < 40  # periodic, not one per step
-    assert all(line.startswith("epoch 1/2: ") for line in lines) and "0/40" not in text
+    assert all(line.startswith("epoch 1/2: ") for line in lines) and "epoch 1/2: 0/40" not in text
     assert lines[-1].startswith("epoch 1/2: 40/40 (100%)") and lines[-1].endswith("loss=39.0")
 
 
