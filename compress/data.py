@@ -21,9 +21,10 @@ from compress.checks import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, integer, 
 from compress.checks import seed as check_seed
 from compress.errors import OptionError, UserError, shorten, unknown_name
 from compress.images import check_fits_memory, check_same_size, decode_image
+from compress.labelsets import choose_labels, superclass_groups
 
 __all__ = ["DataConfig", "ImageSet", "DataBundle", "load_data", "register_dataset", "list_datasets", "iterate_batches",
-           "choose_labels", "split_validation"]
+           "choose_labels", "label_groups", "split_validation"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -237,12 +238,21 @@ def _imagefolder(path: str, *, image_size: int | None, keep: list[int] | None, l
     return DataBundle(f"imagefolder:{path}", splits[0], splits[1], names)
 
 
-def choose_labels(total: int, k: int, seed: int = 0) -> list[int]:
-    """K of ``total`` labels chosen at random but nested: the labels for K are inside those for K' > K."""
-    if not 1 <= k <= total:
-        raise UserError(f"number of labels K={k} is outside 1..{total} for this dataset")
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[:k])
+def label_groups(label_names: list[str], label_draw: str) -> list[list[int]] | None:
+    """The groups a draw of K labels spreads over (:func:`compress.labelsets.choose_labels`): the
+    CIFAR-100 superclasses with ``superclass``, or with ``auto`` when the labels are CIFAR-100's 100
+    fine labels; None (a plain random draw) otherwise.
+
+    Raises:
+        UserError: ``superclass`` on labels that are not CIFAR-100's.
+    """
+    if label_draw == "random":
+        return None
+    groups = superclass_groups(label_names)
+    if groups is None and label_draw == "superclass":
+        raise UserError(f"label_draw superclass needs the 100 CIFAR-100 labels (e.g. --data cifar100); this data set "
+                        f"has {len(label_names)} labels ({shorten(label_names[:5])}...): use random or auto")
+    return groups
 
 
 def _select(labels: torch.Tensor, keep: list[int] | None, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +286,9 @@ class DataConfig:
         download: let torchvision download CIFAR into root.
         num_labels: a nested subset of K labels, remapped to 0..K-1 (CIFAR-K).
         label_seed: seed of the nested label order.
+        label_draw: how the K labels are drawn: random (a seeded permutation), superclass (spread over
+            CIFAR-100's 20 superclasses as evenly as possible, the second paper's CIFAR-K/100), or auto
+            (superclass when the labels are CIFAR-100's, random otherwise).
         image_size: square input size (image folders are resized when read, other data sets batch by batch).
         limit_train: a random subset of this many training images.
         limit_test: a random subset of this many test images.
@@ -291,6 +304,7 @@ class DataConfig:
     download: bool = False
     num_labels: int | None = None
     label_seed: int = 0
+    label_draw: Literal["auto", "random", "superclass"] = "auto"
     image_size: int | None = None
     limit_train: int | None = None
     limit_test: int | None = None
@@ -305,6 +319,8 @@ class DataConfig:
         if self.num_labels is not None:
             integer("num_labels", self.num_labels, low=1, high=MAX_CLASSES, hint="K, the number of labels kept")
         check_seed("label_seed", self.label_seed)
+        if self.label_draw not in ("auto", "random", "superclass"):
+            raise OptionError("label_draw", f"{shorten(self.label_draw)}: valid: auto, random, superclass")
         check_seed("split_seed", self.split_seed)
         if self.image_size is not None:
             integer("image_size", self.image_size, low=1, high=MAX_IMAGE_SIDE, hint="the square input size in pixels")
@@ -326,13 +342,14 @@ class DataConfig:
     def load(self) -> DataBundle:
         """Load the data (:func:`load_data` with these settings)."""
         return load_data(self.name, root=self.root, download=self.download, num_labels=self.num_labels,
-                         label_seed=self.label_seed, image_size=self.image_size, limit_train=self.limit_train,
-                         limit_test=self.limit_test, mean=self.mean, std=self.std, val_fraction=self.val_fraction,
-                         seed=self.split_seed)
+                         label_seed=self.label_seed, label_draw=self.label_draw, image_size=self.image_size,
+                         limit_train=self.limit_train, limit_test=self.limit_test, mean=self.mean, std=self.std,
+                         val_fraction=self.val_fraction, seed=self.split_seed)
 
 
 def load_data(name: str, *, root: str | os.PathLike | None = None, download: bool = False,
-              num_labels: int | None = None, label_seed: int = 0, image_size: int | None = None,
+              num_labels: int | None = None, label_seed: int = 0, label_draw: str = "auto",
+              image_size: int | None = None,
               limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
               val_fraction: float = 0.0) -> DataBundle:
@@ -344,6 +361,9 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         download: let torchvision download CIFAR (never done unless asked).
         num_labels: keep a nested subset of K labels, remapped to 0..K-1 (CIFAR-K).
         label_seed: seed of the nested label order.
+        label_draw: how the K labels are drawn: random (a seeded permutation), superclass (spread over
+            CIFAR-100's 20 superclasses as evenly as possible, the second paper's CIFAR-K/100), or auto
+            (superclass when the labels are CIFAR-100's, random otherwise).
         image_size: square input size: image folders are resized when read, the other data
             sets batch by batch (CIFAR upscaled to 224 for ImageNet models stays small in memory).
         limit_train: keep a random subset of this many training images (quick runs, tests).
@@ -365,14 +385,16 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         keep = None
         if num_labels is not None:
             train_dir = Path(arg) / "train"
-            total = len([p for p in train_dir.iterdir() if p.is_dir()]) if train_dir.is_dir() else 0
-            keep = choose_labels(total, num_labels, label_seed)
+            names = sorted(p.name for p in train_dir.iterdir()
+                           if p.is_dir() and not p.name.startswith(".")) if train_dir.is_dir() else []
+            keep = choose_labels(len(names), num_labels, label_seed, label_groups(names, label_draw))
         bundle = _PREFIXED[prefix](arg, image_size=image_size, keep=keep, limits=(limit_train, limit_test), seed=seed)
         if keep is not None:
             bundle = replace(bundle, meta={"labels_kept": keep})
     elif name in _DATASETS:
         bundle = _DATASETS[name](root=root, download=download)
-        keep = choose_labels(bundle.num_classes, num_labels, label_seed) if num_labels is not None else None
+        keep = None if num_labels is None else choose_labels(bundle.num_classes, num_labels, label_seed,
+                                                             label_groups(bundle.label_names, label_draw))
         bundle = replace(bundle, train=_apply(bundle.train, keep, limit_train, seed),
                          test=_apply(bundle.test, keep, limit_test, seed + 1),
                          label_names=bundle.label_names if keep is None else [bundle.label_names[i] for i in keep],

@@ -42,7 +42,8 @@ def _write_config(folder: Path, doc: dict[str, Any]) -> None:
 
 # Options added since runs were first recorded, with the value that keeps the earlier behaviour: a
 # record without the key matches that value (and null, for any option), so such a run still resumes.
-ADDED_OPTIONS: dict[str, Any] = {"probe_lr_step": 1, "plateau_reference": "best_probe", "probe_preset": None}
+ADDED_OPTIONS: dict[str, Any] = {"probe_lr_step": 1, "plateau_reference": "best_probe", "probe_preset": None,
+                                 "label_draw": "auto"}
 
 
 def _differences(there: Any, now: Any, key: str = "") -> list[str]:
@@ -238,44 +239,162 @@ def fit_error_line(ks: Sequence[int], errors: Sequence[float]) -> dict[str, floa
     return {"slope": float(slope), "intercept": float(intercept), "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0}
 
 
-def run_label_scaling(model: ModelConfig, data: DataConfig, ks: Sequence[int], train_cfg: TrainConfig,
-                      analysis_cfg: AnalysisConfig, out: str | Path, *, resume: bool = True,
-                      progress: bool = True) -> dict[str, Any]:
-    """The second paper's CIFAR-K experiment: train and analyse one model per K (nested label
-    subsets of ``data``) and fit the error at the plateau tap against K.
+MAX_DRAWS = 100
+# The second paper reads the CIFAR-K error at VGG-16's layer 10 (Figs. 3 and 5): the tap after pool 10.
+PAPER_TAP = "features.pool10"
 
-    Each K gets ``out/K<k>/train`` (resumed when ``resume`` and its settings match) and
-    ``out/K<k>/analysis``; ``out/cifar_k.json`` and ``out/report.{md,html}`` hold the per-K table,
-    the fit and the plot. ``out`` is locked for the run.
+
+def run_label_scaling(model: ModelConfig, data: DataConfig, ks: Sequence[int], train_cfg: TrainConfig,
+                      analysis_cfg: AnalysisConfig, out: str | Path, *, tap: str = "auto", draws: int = 1,
+                      resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    """The second paper's CIFAR-K experiment: train and analyse one model per K and draw (nested
+    label subsets of ``data``) and fit the error at ``tap`` against K.
+
+    Args:
+        tap: where the error is read: ``auto`` (the paper's layer 10, ``features.pool10``, when the
+            analysis has that tap, as for VGG-16; each analysis' plateau otherwise), ``plateau``, or a
+            tap name among the analysed ones.
+        draws: draws of labels per K; draw d takes its labels with seed ``data.label_seed + d`` (nested
+            over K within a draw; spread over CIFAR-100's superclasses as ``data.label_draw`` says) and
+            trains with seed ``train_cfg.seed + d``. Draw 0 is the run of a single draw.
+
+    Draw 0 of each K gets ``out/K<k>/train`` and ``out/K<k>/analysis`` (resumed when ``resume``
+    and its settings match), draw d > 0 ``out/K<k>/draw<d>/train`` and ``.../analysis``;
+    ``out/cifar_k.json`` and ``out/report.{md,html}`` hold the per-K table (mean and standard
+    deviation over the draws), every draw, the per-layer table of every K, the fit and the plot.
+    ``out`` is locked for the run.
 
     Returns:
-        ``{"rows": [...], "fit": {...}}``, one row per K with the plateau tap, its error and
-        N_f, accuracy, n, N_c, C_s there.
+        ``{"rows": [...], "fit": {...}, "fit_draws": [...], ...}``, one row per K (see :func:`_k_row`).
     """
     from compress.reports.cifar_k import write_cifar_k_report
 
+    if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= MAX_DRAWS:
+        raise UserError(f"--draws {draws}: the draws of labels per K must be a whole number from 1 to {MAX_DRAWS}")
+    if not isinstance(tap, str) or not tap.strip():
+        raise UserError(f"--tap {shorten(tap)}: name a tap, or auto (layer 10 for VGG-16, else the plateau) or plateau")
+    ks = sorted(set(int(k) for k in ks))
+    _check_tap_early(model, data, analysis_cfg, tap, ks)
     with run_folder_lock(out) as out:
-        rows = []
-        for k in sorted(set(int(k) for k in ks)):
-            spec = dataclasses.replace(data, num_labels=k)
-            folder = out / f"K{k}"
-            trained, _, bundle = train(model, spec, train_cfg, folder / "train", resume=resume, progress=progress)
-            result = analyze(model, spec, analysis_cfg, folder / "analysis", model=trained, bundle=bundle,
-                             progress=progress)
-            rows.append(_k_row(k, bundle, result))
-            atomic_write_text(out / "cifar_k.json", json.dumps({"rows": rows}, indent=2))
+        rows: list[dict[str, Any]] = []
+        head = {"model": to_dict(model), "data": to_dict(data), "tap_rule": tap, "draws": draws}
+        for k in ks:
+            found = []
+            for d in range(draws):
+                spec = dataclasses.replace(data, num_labels=k, label_seed=data.label_seed + d)
+                folder = out / f"K{k}" / (f"draw{d}" if d else "")
+                trained, _, bundle = train(model, spec, dataclasses.replace(train_cfg, seed=train_cfg.seed + d),
+                                           folder / "train", resume=resume, progress=progress)
+                _check_tap(trained, bundle, analysis_cfg, tap)
+                result = analyze(model, spec, analysis_cfg, folder / "analysis", model=trained, bundle=bundle,
+                                 progress=progress)
+                found.append(_draw_row(d, spec.label_seed, train_cfg.seed + d, bundle, result, tap))
+                atomic_write_text(out / "cifar_k.json", json.dumps({**head, "rows": rows + [_k_row(k, found)]},
+                                                                   indent=2))
+            rows.append(_k_row(k, found))
         fit = fit_error_line([r["K"] for r in rows], [r["error"] for r in rows]) if len(rows) >= 2 else None
-        summary = {"model": to_dict(model), "data": to_dict(data), "rows": rows, "fit": fit}
+        fit_draws = [fit_error_line([r["K"] for r in rows], [r["draws"][d]["error"] for r in rows])
+                     for d in range(draws)] if len(rows) >= 2 and draws > 1 else []
+        summary = {**head, "rows": rows, "fit": fit, "fit_draws": fit_draws}
         atomic_write_text(out / "cifar_k.json", json.dumps(summary, indent=2))
         write_cifar_k_report(out, summary)
     return summary
 
 
-def _k_row(k: int, bundle: DataBundle, result: AnalysisResult) -> dict[str, Any]:
-    """One K's row of the CIFAR-K table: the plateau tap and every tap's figures."""
-    tap = result.tap(result.plateau)
-    return {"K": k, "labels": bundle.label_names, "plateau": tap.name, "model_accuracy": result.model_accuracy,
-            "accuracy": tap.accuracy, "error": 1 - tap.accuracy, "N_f": tap.n_filters,
-            "n": tap.stats.noise, "N_c": tap.stats.clusters_per_filter, "C_s": tap.stats.cluster_size,
-            "taps": [{"name": t.name, "accuracy": t.accuracy, "n": t.stats.noise,
-                      "N_c": t.stats.clusters_per_filter, "C_s": t.stats.cluster_size} for t in result.taps]}
+def _check_tap_early(model: ModelConfig, data: DataConfig, cfg: AnalysisConfig, tap: str, ks: list[int]) -> None:
+    """Refuse a ``tap`` the analysis will not have before anything trains, where the taps can be
+    known cheaply: the own VGGs, built untrained at the data's size (32 unless given)."""
+    if tap in ("auto", "plateau") or model.name not in ("vgg16", "vgg6", "avgg16") or not ks:
+        return
+    size = data.image_size or 32
+    try:
+        net = dataclasses.replace(model, checkpoint=None, pretrained=False).build(ks[0], (3, size, size))
+    except UserError:
+        return  # training will say what is wrong with the model
+    names = resolve_taps(net, cfg.taps, (3, size, size))
+    if tap not in names:
+        raise UserError(_tap_message(tap, names))
+
+
+def _tap_message(tap: str, names: Sequence[str]) -> str:
+    return (f"--tap {shorten(tap)}: not among the analysed taps ({', '.join(names)}); name one of them, auto or "
+            f"plateau, or add it to the analysed taps with --taps")
+
+
+def _check_tap(model: torch.nn.Module, bundle: DataBundle, cfg: AnalysisConfig, tap: str) -> None:
+    if tap in ("auto", "plateau"):
+        return
+    names = resolve_taps(model, cfg.taps, bundle.input_size)
+    if tap not in names:
+        raise UserError(_tap_message(tap, names))
+
+
+def _error_tap(result: AnalysisResult, rule: str) -> str:
+    names = [t.name for t in result.taps]
+    if rule == "auto":
+        return PAPER_TAP if PAPER_TAP in names else result.plateau
+    return result.plateau if rule == "plateau" else rule
+
+
+def _tap_values(t: Any) -> dict[str, Any]:
+    return {"name": t.name, "N_f": t.n_filters, "F_s": t.filter_size, "FC_s": t.fc_size, "accuracy": t.accuracy,
+            "n": t.stats.noise, "N_c": t.stats.clusters_per_filter, "C_s": t.stats.cluster_size,
+            "size_fractions": list(t.stats.size_fractions)}
+
+
+def _draw_row(d: int, label_seed: int, seed: int, bundle: DataBundle, result: AnalysisResult,
+              rule: str) -> dict[str, Any]:
+    """One draw of one K: its labels and seeds, the error tap's figures and every tap's."""
+    from compress.labelsets import superclass_of
+
+    tap = result.tap(_error_tap(result, rule))
+    labels = list(bundle.label_names)
+    row = {"draw": d, "label_seed": label_seed, "seed": seed, "labels": labels, "plateau": result.plateau,
+           "tap": tap.name, "model_accuracy": result.model_accuracy, "accuracy": tap.accuracy,
+           "error": 1 - tap.accuracy, "N_f": tap.n_filters, "n": tap.stats.noise,
+           "N_c": tap.stats.clusters_per_filter, "C_s": tap.stats.cluster_size,
+           "taps": [_tap_values(t) for t in result.taps]}
+    coarse = [superclass_of(n) for n in labels]
+    if bundle.meta.get("labels_kept") and all(coarse):
+        row["superclasses"] = coarse
+    return row
+
+
+def _mean_std(values: Sequence[Any]) -> tuple[float, float | None]:
+    """Mean over the finite values and their sample standard deviation (None below two values)."""
+    v = [float(x) for x in values if x is not None and np.isfinite(float(x))]
+    if not v:
+        return float("nan"), None
+    return (v[0] if len(v) == 1 else float(np.mean(v))), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+_STATS = ("accuracy", "error", "n", "N_c", "C_s", "model_accuracy")
+
+
+def _k_row(k: int, draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """One K's row of the CIFAR-K table: means over the draws (one draw: its values), their
+    standard deviations (``std``, None with one draw), every draw, and the per-layer table
+    (``taps``: Tables 4-6, means and ``std`` over the draws)."""
+    first = draws[0]
+    row: dict[str, Any] = {"K": k, "labels": first["labels"], "tap": first["tap"], "plateau": first["plateau"],
+                           "N_f": first["N_f"], "n_draws": len(draws)}
+    row["std"] = {}
+    for key in _STATS:
+        row[key], row["std"][key] = _mean_std([d[key] for d in draws])
+    if len({d["tap"] for d in draws}) > 1:
+        row["tap"] = "/".join(sorted({d["tap"] for d in draws}))
+    taps = []
+    for t in first["taps"]:
+        same = [x for d in draws for x in d["taps"] if x["name"] == t["name"]]
+        entry = {key: t[key] for key in ("name", "N_f", "F_s", "FC_s")}
+        entry["std"] = {}
+        for key in ("accuracy", "n", "N_c", "C_s"):
+            entry[key], entry["std"][key] = _mean_std([x[key] for x in same])
+        fractions = [x["size_fractions"] for x in same]
+        width = max(len(f) for f in fractions)
+        entry["size_fractions"] = [_mean_std([f[i] if i < len(f) else 0.0 for f in fractions])[0]
+                                   for i in range(width)]
+        taps.append(entry)
+    row["taps"] = taps
+    row["draws"] = draws
+    return row

@@ -57,15 +57,21 @@ def _cmd_cifar_k(args: argparse.Namespace) -> None:
 
             raise UserError(f"--ks {k}: every K must be a positive number of labels, e.g. --ks 3 6 8 10")
     summary = run_label_scaling(model, flags.data_config(args), args.ks, flags.train_config(args),
-                                flags.analysis_config(args), args.out, resume=not args.no_resume,
-                                progress=not args.quiet)
-    print(f"{'K':>4}{'plateau':>18}{'N_f':>6}{'accuracy':>10}{'n':>8}{'N_c':>7}{'C_s':>7}")
+                                flags.analysis_config(args), args.out, tap=args.tap, draws=args.draws,
+                                resume=not args.no_resume, progress=not args.quiet)
+    spread = args.draws > 1
+    w = max([18] + [len(r["tap"]) + 2 for r in summary["rows"]])
+    print(f"{'K':>4}{'tap':>{w}}{'N_f':>6}{'accuracy':>10}{'+-':>8}{'n':>8}{'N_c':>7}{'C_s':>7}" if spread else
+          f"{'K':>4}{'tap':>{w}}{'N_f':>6}{'accuracy':>10}{'n':>8}{'N_c':>7}{'C_s':>7}")
     for r in summary["rows"]:
-        print(f"{r['K']:>4}{r['plateau']:>18}{r['N_f']:>6}{r['accuracy']:>10.4f}{r['n']:>8.2f}{r['N_c']:>7.2f}"
+        std = f"{r['std']['accuracy']:>8.4f}" if spread and r["std"]["accuracy"] is not None else (
+            f"{'-':>8}" if spread else "")
+        print(f"{r['K']:>4}{r['tap']:>{w}}{r['N_f']:>6}{r['accuracy']:>10.4f}{std}{r['n']:>8.2f}{r['N_c']:>7.2f}"
               f"{r['C_s']:>7.2f}")
     if summary["fit"]:
         f = summary["fit"]
-        print(f"error = {f['slope']:.5f} K + {f['intercept']:.4f}  (R^2 {f['r2']:.3f})")
+        print(f"error = {f['slope']:.5f} K + {f['intercept']:.4f}  (R^2 {f['r2']:.3f})"
+              + (f"; mean of {args.draws} draws per K" if spread else ""))
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
@@ -135,6 +141,13 @@ def add_commands(sub) -> None:
     flags.add_model(p)
     flags.add_data(p)
     p.add_argument("--ks", type=int, nargs="+", default=[3, 6, 8, 10], help="numbers of labels (nested subsets)")
+    p.add_argument("--tap", default="auto",
+                   help="the tap the error is read at: auto (the second paper's layer 10, features.pool10, where the "
+                        "model has that tap, as VGG-16; the plateau otherwise), plateau (each analysis' own plateau), "
+                        "or a tap name among the analysed ones (default: auto)")
+    p.add_argument("--draws", type=int, default=1, metavar="N",
+                   help="draws of labels per K, each with its own label seed (label seed + d) and training seed "
+                        "(seed + d); the table gives their mean and standard deviation (the paper: 5; default: 1)")
     flags.add_train(p)
     flags.add_analysis(p)
     p.add_argument("--out", required=True, help="folder: K<k>/train, K<k>/analysis, cifar_k.json, report")

@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from compress.analysis.published import SIZE_COLUMNS as _PUBLISHED_SIZES  # noqa: E402
+from compress.analysis.published import compare_result  # noqa: E402
 from compress.analysis.result import AnalysisResult, TapAnalysis  # noqa: E402
 from compress.reports.document import Figure as _Figure  # noqa: E402
 from compress.reports.document import Heading as _Heading  # noqa: E402
@@ -100,6 +102,7 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
     ))
 
     blocks += [_Heading(2, "Accuracy and filter statistics per tap"), _stats_table(result), _Para(_LEGEND)]
+    blocks += published_blocks(result)
     if not taps:
         return blocks
     blocks += [_Heading(2, "Probe accuracy per tap"), _accuracy_figure(result)]
@@ -134,6 +137,50 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
         for c in chosen:
             blocks.append(_filter_figure(t, c, names, _file_stem(taps, t)))
     return blocks
+
+
+_PUBLISHED_DIGITS = {"N_f": 0, "FC_s": 0, "accuracy": 3, "n": 2, "N_c": 2, "C_s": 2}
+
+
+def published_blocks(result: AnalysisResult) -> list:
+    """The papers' published values beside the measured ones, one table per published table that
+    matches the setting (:mod:`compress.analysis.published`: model name, data set, K, tap names);
+    nothing when none does."""
+    matches = compare_result(result)
+    if not matches:
+        return []
+    split = result.config.get("split", "test")
+    width = (result.config.get("model") or {}).get("options", {}).get("width")
+    blocks: list = [_Heading(2, "Published values beside these"), _Para(
+        "Each cell: measured / published (measured - published). The setting matches a published table by "
+        "architecture, data set and number of labels; a published layer m is this model's tap features.pool<m> "
+        "(EfficientNet-B0's stage s: timm's bn1, blocks.1, blocks.2, blocks.3, blocks.5, bn2 for s = 1, 3, 4, 5, "
+        "7, 9). "
+        "The papers measured on the test split" + ("" if split == "test" else f"; these come from the {split} split")
+        + (f"; the papers' networks are full width, this one has width {width:g}" if isinstance(width, (int, float))
+           and width != 1 else "") + ".")]
+    for table, rows in matches:
+        cols = [c for c in ("N_f", "F_s", "FC_s", "accuracy", "n", "N_c", "C_s", *_PUBLISHED_SIZES)
+                if any(c in r["columns"] for r in rows)]
+        header = [table.unit.capitalize(), "tap", *[{"accuracy": "Accuracy"}.get(c, c) for c in cols]]
+        body = [[str(r["layer"]), r["tap"] + ("" if r["analysed"] else " (not analysed)"),
+                 *[_published_cell(c, r["columns"].get(c)) for c in cols]] for r in rows]
+        text = f"{table.paper}, {table.source}: {table.architecture} on {table.dataset}, K = {table.k}."
+        blocks += [_Heading(3, table.source), _Para(text + (f" {table.note}" if table.note else "")),
+                   _Table(header, body)]
+    return blocks
+
+
+def _published_cell(column: str, cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    digits = _PUBLISHED_DIGITS.get(column, 3)
+    if column == "F_s":
+        m = cell["measured"]
+        return f"{m if m is not None else '-'} / {cell['published']}"
+    m, p, d = cell["measured"], cell["published"], cell["difference"]
+    text = f"{_fmt(m, digits)} / {_fmt(p, digits)}"
+    return text + ("" if d is None else f" ({d:+.{digits}f})")
 
 
 def _stats_table(result: AnalysisResult) -> _Table:
