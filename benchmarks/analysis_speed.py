@@ -26,7 +26,7 @@ Run (from the repository root):
 
     .venv/bin/python benchmarks/analysis_speed.py --data digits --threads 1 \\
         --save benchmarks/results/analysis_speed_digits.txt
-    .venv/bin/python benchmarks/analysis_speed.py --data imagefolder:/work/shared/data/cifar10 \\
+    .venv/bin/python benchmarks/analysis_speed.py --data imagefolder:../shared/data/cifar10 \\
         --limit-train 10000 --limit-test 2000 --probe-epochs 50 --naive-epochs 2 --threads 1 \\
         --save benchmarks/results/analysis_speed_cifar10.txt
 """

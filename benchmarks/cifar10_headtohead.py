@@ -59,7 +59,6 @@ from compress.system import environment
 
 from cifar10_headtohead_report import write_results  # noqa: E402  (next to this script)
 
-HERE = Path(__file__).resolve().parent
 
 CRITERIA = ["l1", "taylor", "bn-scale", "random"]
 MECHANISM = ["trim", "dilute", "afcc", "trim+dilute+afcc", "trim-conv", "trim-conv+dilute+afcc", "mechanism-multi",
@@ -369,10 +368,11 @@ def layer_sensitivity(base: Path, bundle, stats: dict, widths: dict[str, int], *
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default=str(HERE / "cifar10_base" / "model.pt"))
-    p.add_argument("--data-dir", default=str(HERE.parents[1] / "shared" / "data" / "cifar10"))
-    p.add_argument("--out", type=Path, default=HERE.parent / "runs" / "cifar10_headtohead")
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    # paths relative to the repository root, where the script runs (as printed and recorded)
+    p.add_argument("--base", default="benchmarks/cifar10_base/model.pt")
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
+    p.add_argument("--out", type=Path, default=Path("runs/cifar10_headtohead"))
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="cifar10_headtohead", help="file stem of the results")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--threads", type=int, default=1)
