@@ -188,3 +188,39 @@ def test_the_budget_arithmetic():
     assert "speed-up >= 2x at batch 1 on ort-cpu" in cfg.describe()
     assert pareto([(1.0, 0.5), (2.0, 0.4), (2.0, 0.9), (3.0, 0.8), (0.5, 0.1)]) == [(0.5, 0.1), (1.0, 0.5),
                                                                                     (2.0, 0.9)]
+
+
+def test_a_recipe_target_trains_then_meets_the_budget(tmp_path, capsys):
+    """``target:`` instead of ``steps:``: the recipe trains the model, then ``optimize`` chooses."""
+    recipe = tmp_path / "target.yaml"
+    recipe.write_text("""
+name: target
+model: {name: vgg6, options: {width: 0.125, fc_hidden: []}, train: {epochs: 2, lr: 0.03, momentum: 0.9}}
+data: {name: digits, limit_train: 400, limit_test: 100}
+analysis: {probe_epochs: 3}
+target: {flops_ratio: 0.9, max_drop: 50, prune: false, int8: false, afcc: false, finetune_epochs: 0,
+         warmup: 1, repeats: 3}
+""")
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    doc = json.loads((out / "optimize" / "candidates.json").read_text())
+    assert summary["optimize"]["chosen"] == doc["chosen"] and (out / "optimize" / "model.onnx").is_file()
+    assert (out / "steps" / "00-original" / "model.pt").is_file() and (out / "train" / "model.pt").is_file()
+    assert "chosen:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target,match", [
+    ({"speedup": 2, "latency_ms": 1}, "exactly one budget"),
+    ({"speedup": -1}, "recipe.target"),
+    ("fast", "expected a mapping"),
+])
+def test_a_bad_recipe_target_is_refused_naming_it(target, match):
+    from compress.errors import UserError
+    from compress.recipe import parse_recipe
+
+    base = {"model": {"name": "vgg6", "options": {"width": 0.125}, "train": {"epochs": 1}}, "data": {"name": "digits"}}
+    with pytest.raises(UserError, match=match):
+        parse_recipe({**base, "target": target})
+    with pytest.raises(UserError, match="either lists its steps or states a target"):
+        parse_recipe({**base, "target": {"speedup": 2}, "steps": [{"finetune": {"epochs": 1}}]})

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from compress.cli import flags
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "print_result"]
 
 _RENAME = {"prune_ratios": "--prune-ratios"}
 
 
-def _print(doc: dict, out: str) -> None:
+def print_result(doc: dict, out: str) -> None:
     base, final = doc["original"], doc["final"]
     print(f"budget: {doc['budget']}")
     print(f"{'candidate':<44}{'ms':>10}{'speed-up':>10}{'val acc':>9}  status")
@@ -40,7 +40,7 @@ def _cmd_optimize(args: argparse.Namespace) -> None:
     analysis = flags.analysis_config(args)
     doc = optimize(args.checkpoint, data, analysis, cfg, args.out, progress=not args.quiet,
                    resume=not args.no_resume, report=not args.no_analysis_report)
-    _print(doc, args.out)
+    print_result(doc, args.out)
 
 
 def add_commands(sub) -> None:

@@ -40,7 +40,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
               f"{' -> '.join(plan['steps'])}")
         return
     out = args.out or str(Path("runs") / recipe.name)
-    _print_run(run_recipe(recipe, out, progress=not args.quiet, resume=not args.no_resume), out)
+    summary = run_recipe(recipe, out, progress=not args.quiet, resume=not args.no_resume)
+    if recipe.target is not None:
+        from compress.cli.optimize import print_result
+
+        print_result(summary["optimize"], str(Path(out) / "optimize"))
+        return
+    _print_run(summary, out)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -80,6 +80,8 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True, resume
         if resume and (out / "recipe.yaml").is_file():
             check_resume(out / "recipe.yaml", resolved, "recipe settings")
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        if recipe.target is not None:
+            return _run_target(recipe, out, progress, resume)
         state = _start(recipe, out, progress, resume)
         records = _run_steps(recipe, state, out)
         state.artifacts["final"] = state.models["final"] = str(state.save_current(out / "model.pt"))
@@ -91,6 +93,27 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True, resume
 
         write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
         return json.loads((out / "summary.json").read_text())
+
+
+def _run_target(recipe: Recipe, out: Path, progress: bool, resume: bool) -> dict[str, Any]:
+    """A recipe with a ``target``: train or load the model, save it as the run's original, and let
+    :func:`~compress.optimize.search.optimize` meet the budget in ``out/optimize``.
+
+    Returns:
+        The optimisation's document (``optimize/candidates.json``), also in ``summary.json``.
+    """
+    from compress.compression.serialize import save_model
+    from compress.optimize.search import optimize
+
+    model, bundle = _obtain_model(recipe, out, progress, resume)
+    original = save_model(model.cpu(), out / "steps" / "00-original" / "model.pt",
+                          model_meta(recipe.model.config(), bundle))
+    doc = optimize(original, recipe.data, recipe.analysis, recipe.target, out / "optimize", progress=progress,
+                   resume=resume)
+    summary = {"recipe": recipe.name, "environment": environment(), "target": to_dict(recipe.target),
+               "artifacts": {"original": str(original), "optimize": str(out / "optimize")}, "optimize": doc}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def _run_steps(recipe: Recipe, state: RunState, out: Path) -> list[dict[str, Any]]:
@@ -143,4 +166,5 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     loss.backward()
     opt.step()
     return {"model": m.name, "params": sum(p.numel() for p in model.parameters()), "input_size": [3, size, size],
-            "loss": float(loss.detach()), "steps": [s.name for s in recipe.steps]}
+            "loss": float(loss.detach()),
+            "steps": [s.name for s in recipe.steps] or (["optimize (target)"] if recipe.target else [])}

@@ -12,6 +12,10 @@ settings and an ordered list of steps, each a one-key mapping ``- <step>: {optio
       - finetune: {epochs: 3}
       - export: {}
 
+Instead of ``steps``, a recipe can state a ``target`` (the options of ``compress optimize``:
+``{speedup | latency_ms | flops_ratio, max_drop, batch_size, backend, ...}``): the toolkit then
+builds, times and chooses the model itself (:func:`compress.optimize.search.optimize`).
+
 The sections are the library's own configuration classes (:class:`~compress.models.ModelConfig`
 with a ``train`` :class:`~compress.training.TrainConfig`, :class:`~compress.data.DataConfig`,
 :class:`~compress.analysis.AnalysisConfig`) and each step is its registered class
@@ -32,6 +36,7 @@ from compress.config import from_dict, to_dict
 from compress.data import DataConfig
 from compress.errors import UserError, clip, shorten, unknown_name
 from compress.models import ModelConfig, create_model
+from compress.optimize.config import OptimizeConfig
 from compress.recipe import steps as builtin_steps
 from compress.recipe.step import CheckContext, Step, get_step, list_steps
 from compress.training import TrainConfig
@@ -69,15 +74,19 @@ class Recipe:
     data: DataConfig
     analysis: AnalysisConfig
     steps: tuple[Step, ...]
+    target: OptimizeConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (every default filled in) as plain YAML values."""
-        return {"name": self.name, "model": to_dict(self.model), "data": to_dict(self.data),
-                "analysis": to_dict(self.analysis), "steps": [{s.name: to_dict(s)} for s in self.steps]}
+        doc = {"name": self.name, "model": to_dict(self.model), "data": to_dict(self.data),
+               "analysis": to_dict(self.analysis), "steps": [{s.name: to_dict(s)} for s in self.steps]}
+        if self.target is not None:
+            doc["target"] = to_dict(self.target)
+        return doc
 
 
-_TOP = ["name", "model", "data", "analysis", "steps"]
+_TOP = ["name", "model", "data", "analysis", "steps", "target"]
 
 
 def _parse_steps(steps: Any) -> tuple[Step, ...]:
@@ -115,7 +124,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     recipe = Recipe(name=name, model=from_dict(RecipeModel, data.get("model"), "recipe.model"),
                     data=from_dict(DataConfig, data.get("data"), "recipe.data"),
                     analysis=from_dict(AnalysisConfig, data.get("analysis"), "recipe.analysis"),
-                    steps=_parse_steps(data.get("steps")), raw=data)
+                    steps=_parse_steps(data.get("steps")), target=_parse_target(data), raw=data)
     if recipe.model.checkpoint is None and recipe.model.train is None and not recipe.model.pretrained:
         raise UserError("recipe.model: give a checkpoint, a train section, or pretrained: true")
     if recipe.model.train is not None and recipe.model.train.distill is not None:
@@ -124,6 +133,23 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     _check_order(recipe)
     _check_steps(recipe)
     return recipe
+
+
+def _parse_target(data: dict[str, Any]) -> OptimizeConfig | None:
+    """The recipe's ``target`` (a latency budget the toolkit meets itself), or None."""
+    if data.get("target") is None:
+        return None
+    if data.get("steps"):
+        raise UserError("recipe.target and recipe.steps: a recipe either lists its steps or states a target "
+                        "(the toolkit then chooses the steps itself); remove one of them")
+    if not isinstance(data["target"], dict):
+        raise UserError(f"recipe.target: expected a mapping like {{speedup: 2, max_drop: 1}}, got "
+                        f"{shorten(data['target'])}")
+    try:
+        return from_dict(OptimizeConfig, data["target"], "recipe.target")
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if msg.startswith("recipe.target") else f"recipe.target: {msg}") from None
 
 
 def check_name(name: Any, origin: str = "") -> str:
