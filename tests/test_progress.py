@@ -43,3 +43,13 @@ def test_a_terminal_gets_tqdms_bar():
     bar = tqdm(range(3), file=_Tty())
     assert not isinstance(bar, LineProgress)
     bar.close()
+
+
+def test_every_progress_bar_of_the_package_goes_through_compress_progress():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "compress"
+    direct = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "progress.py"
+              and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
+    assert direct == [], f"use compress.progress.tqdm (plain lines in logs): {direct}"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tqdm.auto import tqdm
+from compress.progress import tqdm
 
 from compress.analysis import AnalysisConfig, load_analysis
 from compress.compression.serialize import load_model, read_model_meta, save_model
