@@ -2,31 +2,30 @@
 
 Names: ``digits`` (scikit-learn, the embedded default), ``cifar10``, ``cifar100`` (torchvision,
 from ``root``), ``imagefolder:<path>`` (``train/`` and ``test/`` or ``val/``). Any of them can
-be cut to a nested subset of K labels (``num_labels``), remapped to 0..K-1.
+be cut to a nested subset of K labels (``num_labels``), remapped to 0..K-1. An image folder too
+large for memory is streamed from its files instead (:mod:`compress.streaming`): its splits are
+:class:`~compress.streaming.StreamSet` objects, read through :func:`iterate_batches` alike.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from compress.checks import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, integer, number
 from compress.checks import seed as check_seed
 from compress.errors import OptionError, UserError, shorten, unknown_name
-from compress.images import check_fits_memory, check_same_size, decode_image
+from compress.images import check_same_size, decode_image
 from compress.labelsets import choose_labels, superclass_groups
+from compress.streaming import IMAGE_EXTENSIONS, StreamSet, decode_files, scan_folder, stream_batches  # noqa: F401
 
 __all__ = ["DataConfig", "ImageSet", "DataBundle", "load_data", "register_dataset", "list_datasets", "iterate_batches",
-           "choose_labels", "label_groups", "split_validation"]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+           "choose_labels", "label_groups", "split_validation", "StreamSet"]
 
 
 @dataclass
@@ -52,14 +51,14 @@ class DataBundle:
     """
 
     name: str
-    train: ImageSet
-    test: ImageSet
+    train: ImageSet | StreamSet
+    test: ImageSet | StreamSet
     label_names: list[str]
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     meta: dict = field(default_factory=dict)
     resize_to: int | None = None  # upscale batches on the fly (e.g. CIFAR 32 -> 224) instead of storing them large
-    val: ImageSet | None = None  # held out from the training images: every choice is made on it
+    val: ImageSet | StreamSet | None = None  # held out from the training images: every choice is made on it
     eval_split: Literal["test", "val"] = "test"  # what ``test`` holds (see :meth:`for_choices`)
 
     def for_choices(self, split: Literal["val", "test"] = "val") -> "DataBundle":
@@ -174,62 +173,34 @@ def _cifar100(root=None, download=False, **_) -> DataBundle:
     return _torchvision_cifar("CIFAR100", root, download)
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
-    return decode_image(path, 3, None if size is None else (size, size))
-
-
-def _scan_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[Path], torch.Tensor, list[str]]:
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = classes or found
-    if not classes:
-        raise UserError(f"{str(split_dir)!r} holds no class folders; expected one folder of images per class")
-    if set(found) != set(classes):
-        raise UserError(f"{str(split_dir)!r} has classes {found}, but the training split has {classes}")
-    files: list[Path] = []
-    labels: list[int] = []
-    for i, c in enumerate(classes):
-        entries = sorted(p for p in (split_dir / c).iterdir() if not p.name.startswith("."))
-        bad = [p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        if bad:
-            raise UserError(f"{str(bad[0])!r} is not an image file (valid: {', '.join(IMAGE_EXTENSIONS)})")
-        if not entries:
-            raise UserError(f"class folder {str(split_dir / c)!r} holds no images; every class needs at least one")
-        files += entries
-        labels += [i] * len(entries)
-    return files, torch.tensor(labels, dtype=torch.long), classes
-
-
-def _decode_all(files: list[Path], labels: torch.Tensor, size: int | None, where: str) -> ImageSet:
-    """Decode ``files`` (resized to ``size`` x ``size`` when given; otherwise they must all have one
-    square size, which is kept)."""
-    if files:
-        check_fits_memory(len(files), size or max(_decode(files[0], None).shape[:2]), where)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, size), files))
-    if size is None:
-        check_same_size(arrays, files, where)
-    if not arrays:
-        return ImageSet(torch.empty(0, 3, size or 1, size or 1, dtype=torch.uint8), labels)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(x, labels)
-
-
 @register_dataset("imagefolder", prefix=True)
-def _imagefolder(path: str, *, image_size: int | None, keep: list[int] | None, limits: tuple, seed: int) -> DataBundle:
-    """Scan first, select (label subset, limits), then decode only the chosen files."""
+def _imagefolder(path: str, *, image_size: int | None, keep: list[int] | None, limits: tuple, seed: int,
+                 stream: bool | str = False, max_memory_gb: float = 4.0, workers: int | None = None) -> DataBundle:
+    """Scan first, select (label subset, limits), then decode only the chosen files, or stream
+    them (``stream`` true, or ``auto`` and more than ``max_memory_gb`` decoded)."""
     root = Path(path)
     if not (root / "train").is_dir():
         raise UserError(f"image folder {path!r} needs a train/ subfolder (and test/ or val/), one folder per class")
     test_dir = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
     if test_dir is None:
         raise UserError(f"image folder {path!r} needs a test/ or val/ subfolder next to train/")
-    train_files, train_labels, classes = _scan_folder(root / "train", None)
-    test_files, test_labels, _ = _scan_folder(test_dir, classes)
-    splits = []
+    train_files, train_labels, classes = scan_folder(root / "train", None)
+    test_files, test_labels, _ = scan_folder(test_dir, classes)
+    chosen = []
     for files, labels, limit, s, d in ((train_files, train_labels, limits[0], seed, root / "train"),
                                        (test_files, test_labels, limits[1], seed + 1, test_dir)):
         idx, new_labels = _select(labels, keep, limit, s)
-        splits.append(_decode_all([files[i] for i in idx.tolist()], new_labels, image_size, str(d)))
+        chosen.append(([files[i] for i in idx.tolist()], new_labels, str(d)))
+    sides = [image_size or (max(decode_image(f[0], 3).shape[:2]) if f else 1) for f, _, _ in chosen]
+    big = sum(len(f) for f, _, _ in chosen) * 3 * max(sides) ** 2 > max_memory_gb * 2**30
+    if stream is True or (stream == "auto" and big):
+        if image_size is None:  # the first image of each split gives the size; the workers check the others
+            firsts = [decode_image(f[0], 3) for f, _, _ in chosen]
+            check_same_size(firsts, [f[0] for f, _, _ in chosen], str(root))
+        splits = [StreamSet([str(x) for x in f], lab, side, image_size is not None, workers, d)
+                  for (f, lab, d), side in zip(chosen, sides)]
+    else:
+        splits = [ImageSet(decode_files(f, image_size, d), lab) for f, lab, d in chosen]
     (tw, th), (vw, vh) = (tuple(sp.images.shape[-2:][::-1]) for sp in splits)
     if len(splits[0]) and len(splits[1]) and (tw, th) != (vw, vh):
         raise UserError(f"the images of {str(root / 'train')!r} are {tw}x{th} but those of {str(test_dir)!r} are "
@@ -297,6 +268,12 @@ class DataConfig:
         val_fraction: fraction of the training images held out, stratified and seeded, as the
             validation split every choice is made on (0: none; choices then fall back to the test split).
         split_seed: seed of the validation split (and of the training and test subsets).
+        stream: read image folders from their files in batches, decoded and augmented by worker
+            processes, instead of decoding them into memory first: true, false, or auto (stream
+            when the decoded images would take more than max_memory_gb).
+        max_memory_gb: memory budget in GiB: with stream auto, image folders that would take more
+            decoded are streamed (the analysis keeps its feature caches within the same budget).
+        workers: decoding processes of streamed data per training process (default: the CPUs, at most 8).
     """
 
     name: str = "digits"
@@ -312,6 +289,9 @@ class DataConfig:
     std: list[float] | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
+    stream: bool | Literal["auto"] = "auto"
+    max_memory_gb: float = 4.0
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 4096:
@@ -338,13 +318,19 @@ class DataConfig:
                            hint="one finite value per channel" + (", each above 0" if key == "std" else ""))
         number("val_fraction", self.val_fraction, low=0, high=1, high_open=True,
                hint="the fraction of the training images held out (default 0.1; 0: no validation split)")
+        if not (isinstance(self.stream, bool) or self.stream == "auto"):
+            raise OptionError("stream", f"{shorten(self.stream)}: valid: auto, true, false")
+        number("max_memory_gb", self.max_memory_gb, low=0, high=1e6, low_open=True, hint="GiB, e.g. 4")
+        if self.workers is not None:
+            integer("workers", self.workers, low=0, high=256, hint="decoding processes (0: in the main process)")
 
     def load(self) -> DataBundle:
         """Load the data (:func:`load_data` with these settings)."""
         return load_data(self.name, root=self.root, download=self.download, num_labels=self.num_labels,
                          label_seed=self.label_seed, label_draw=self.label_draw, image_size=self.image_size,
                          limit_train=self.limit_train, limit_test=self.limit_test, mean=self.mean, std=self.std,
-                         val_fraction=self.val_fraction, seed=self.split_seed)
+                         val_fraction=self.val_fraction, seed=self.split_seed, stream=self.stream,
+                         max_memory_gb=self.max_memory_gb, workers=self.workers)
 
 
 def load_data(name: str, *, root: str | os.PathLike | None = None, download: bool = False,
@@ -352,7 +338,8 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
               image_size: int | None = None,
               limit_train: int | None = None, limit_test: int | None = None, seed: int = 0,
               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-              val_fraction: float = 0.0) -> DataBundle:
+              val_fraction: float = 0.0, stream: bool | str = False, max_memory_gb: float = 4.0,
+              workers: int | None = None) -> DataBundle:
     """Load a dataset by name.
 
     Args:
@@ -374,6 +361,11 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
         val_fraction: hold out this fraction of the (limited) training images, per label, as
             ``bundle.val`` (:func:`split_validation`); 0 (this function's default) holds out none.
             :class:`DataConfig`, which recipes and the command line use, defaults to 0.1.
+        stream: image folders only: True streams the files (:mod:`compress.streaming`), ``"auto"``
+            streams when decoded they would exceed ``max_memory_gb``, False (this function's
+            default) decodes them into memory. Other data sets are small and always in memory.
+        max_memory_gb: the budget of ``"auto"``, in GiB.
+        workers: decoding processes of a streamed folder (default: the CPUs, at most 8).
     """
     for flag, value in (("limit_train", limit_train), ("limit_test", limit_test)):
         if value is not None and value < 1:
@@ -388,10 +380,15 @@ def load_data(name: str, *, root: str | os.PathLike | None = None, download: boo
             names = sorted(p.name for p in train_dir.iterdir()
                            if p.is_dir() and not p.name.startswith(".")) if train_dir.is_dir() else []
             keep = choose_labels(len(names), num_labels, label_seed, label_groups(names, label_draw))
-        bundle = _PREFIXED[prefix](arg, image_size=image_size, keep=keep, limits=(limit_train, limit_test), seed=seed)
+        extra = dict(stream=stream, max_memory_gb=max_memory_gb, workers=workers) if prefix == "imagefolder" else {}
+        bundle = _PREFIXED[prefix](arg, image_size=image_size, keep=keep, limits=(limit_train, limit_test), seed=seed,
+                                   **extra)
         if keep is not None:
             bundle = replace(bundle, meta={"labels_kept": keep})
     elif name in _DATASETS:
+        if stream is True:
+            raise UserError(f"stream: only image folders (imagefolder:<path>) are streamed; {name!r} is small "
+                            f"enough to hold in memory (upscaled batch by batch): use stream auto or false")
         bundle = _DATASETS[name](root=root, download=download)
         keep = None if num_labels is None else choose_labels(bundle.num_classes, num_labels, label_seed,
                                                              label_groups(bundle.label_names, label_draw))
@@ -458,17 +455,24 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torc
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def iterate_batches(bundle: DataBundle, split: ImageSet, batch_size: int, *, shuffle: bool = False,
+def iterate_batches(bundle: DataBundle, split: ImageSet | StreamSet, batch_size: int, *, shuffle: bool = False,
                     augmented: bool = False, generator: torch.Generator | None = None,
                     device: torch.device | str = "cpu",
                     order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised float batches ``(x, y)`` on ``device``; order and augmentation follow ``generator``.
 
     ``order`` gives the sample indices to visit instead (e.g. one process's shard of an epoch).
+    A :class:`~compress.streaming.StreamSet` is decoded and augmented by worker processes, the
+    augmentation seeded by one number drawn from ``generator`` after the order.
     """
     generator = generator or torch.Generator().manual_seed(0)
     if order is None:
         order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+    if isinstance(split, StreamSet):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if augmented else 0
+        for x, y in stream_batches(split, order, batch_size, augmented=augmented, seed=seed, device=device):
+            yield bundle.normalize(x), y
+        return
     n = len(order)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]

@@ -17,6 +17,7 @@ LAYERS = [
     ["compress.distributed", "compress.config"],
     ["compress.io", "compress.system", "compress.progress"],
     ["compress.models"],
+    ["compress.streaming"],
     ["compress.data"],
     ["compress.distill", "compress.training"],
     ["compress.analysis"],

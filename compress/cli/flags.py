@@ -93,9 +93,24 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str =
                                 help=text + shown)
             continue
         conv, extra = _flag_type(tp)
+        if _bool_or_choice(tp):  # e.g. stream: auto | true | false; the bare flag means true
+            choices = [a for arm in typing.get_args(tp) if typing.get_origin(arm) is Literal
+                       for a in typing.get_args(arm)]
+            parser.add_argument(*names, dest=dest, type=conv, default=default, nargs="?", const=True,
+                                metavar="{" + ",".join([*map(str, choices), "true", "false"]) + "}",
+                                help=text + shown)
+            continue
         metavar = None if "choices" in extra else {int: "N", float: "X"}.get(conv, f.name.upper())
         parser.add_argument(*names, dest=dest, type=conv, default=default, help=text + shown, metavar=metavar,
                             **extra)
+
+
+def _bool_or_choice(tp: Any) -> bool:
+    """Whether ``tp`` is ``bool | Literal[...]`` (a switch with more settings than on and off)."""
+    if typing.get_origin(tp) not in (Union, types.UnionType):
+        return False
+    arms = [a for a in typing.get_args(tp) if a is not type(None)]
+    return bool in arms and all(a is bool or typing.get_origin(a) is Literal for a in arms)
 
 
 def _default(f: dataclasses.Field) -> Any:
