@@ -46,6 +46,11 @@ ADDED_OPTIONS: dict[str, Any] = {"probe_lr_step": 1, "plateau_reference": "best_
                                  "label_draw": "auto", "stream": "auto", "max_memory_gb": 4.0}
 
 
+# Options that change how the work runs but not its results (the data loader's worker processes:
+# augmentation is seeded per image): a resume with another value continues the same run.
+NO_EFFECT_OPTIONS = frozenset({"workers"})
+
+
 def _differences(there: Any, now: Any, key: str = "") -> list[str]:
     """The key paths where two recorded settings differ, each with both values (shortened)."""
     if isinstance(there, list) and isinstance(now, list) and len(there) == len(now):
@@ -55,6 +60,8 @@ def _differences(there: Any, now: Any, key: str = "") -> list[str]:
         out = []
         for k in list(now) + [k for k in there if k not in now]:
             sub = f"{key}.{k}" if key else str(k)
+            if k in NO_EFFECT_OPTIONS:  # how the work is done, not what it gives: a resume may change it
+                continue
             if k not in there and (now[k] is None or k in ADDED_OPTIONS and now[k] == ADDED_OPTIONS[k]):
                 continue  # an option added since, at the earlier behaviour (e.g. finetune.distill: null)
             if k not in there or k not in now:

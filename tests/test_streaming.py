@@ -173,3 +173,15 @@ def test_streamed_analysis_keeps_resident_memory_small(tmp_path):
         grown[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     bound = grown["stream"]["decoded"]
     assert grown["stream"]["grown"] < bound < grown["memory"]["grown"], grown
+
+
+def test_another_number_of_workers_resumes_the_same_run(tmp_path):
+    import yaml
+
+    from compress.data import DataConfig
+    from compress.jobs import check_resume, settings
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings(data=DataConfig(name="digits", workers=2))))
+    check_resume(tmp_path / "config.yaml", settings(data=DataConfig(name="digits", workers=0)))
+    with pytest.raises(UserError, match="data.stream"):
+        check_resume(tmp_path / "config.yaml", settings(data=DataConfig(name="digits", workers=2, stream=False)))
