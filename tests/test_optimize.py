@@ -119,7 +119,7 @@ def test_a_short_fine_tune_estimates_pruned_candidates(trained, tmp_path, capsys
     assert fast and all(r["kind"] in ("prune", "cut+prune") for r in fast)
     estimated = [r for r in fast if r["estimated"]]
     assert len(estimated) == 1 and "short fine-tune (1 epochs, distilled)" in estimated[0]["accuracy_source"]
-    assert (out / "candidates" / estimated[0]["structure"] / "estimate" / "model.pt").is_file()
+    assert (out / estimated[0]["folder"] / "estimate" / "model.pt").is_file()
     if code == 2:  # the estimate missed the budget: the other is left with the reason
         assert any("max_estimates" in r["status"] for r in fast if not r["estimated"])
     else:
