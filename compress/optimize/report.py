@@ -26,8 +26,8 @@ def rows(variants: list[Variant], cfg: OptimizeConfig, base_accuracy: float) -> 
     for v in sorted(variants, key=lambda v: (v.latency_ms is None, v.latency_ms or 0.0, v.name)):
         info = v.structure.info
         drop = None if v.accuracy is None else 100 * (base_accuracy - v.accuracy)
-        out.append({"name": v.name, "structure": v.structure.id, "folder": f"candidates/{v.structure.folder.name}" if v.structure.folder else None,
-                    "kind": v.structure.kind,
+        folder = f"candidates/{v.structure.folder.name}" if v.structure.folder else None
+        out.append({"name": v.name, "structure": v.structure.id, "folder": folder, "kind": v.structure.kind,
                     "precision": v.precision, "tap": v.structure.tap, "prune_ratio": v.structure.ratio,
                     "params": info.get("params"), "flops": info.get("flops"), "flops_ratio": v.flops_ratio,
                     "latency_ms": v.latency_ms, "speedup": v.speedup, "val_accuracy": v.accuracy,
