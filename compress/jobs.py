@@ -43,7 +43,7 @@ def _write_config(folder: Path, doc: dict[str, Any]) -> None:
 # Options added since runs were first recorded, with the value that keeps the earlier behaviour: a
 # record without the key matches that value (and null, for any option), so such a run still resumes.
 ADDED_OPTIONS: dict[str, Any] = {"probe_lr_step": 1, "plateau_reference": "best_probe", "probe_preset": None,
-                                 "label_draw": "auto", "stream": "auto", "max_memory_gb": 4.0}
+                                 "label_draw": "auto", "stream": "auto", "max_memory_gb": 4.0, "int8": False}
 
 
 # Options that change how the work runs but not its results (the data loader's worker processes:
