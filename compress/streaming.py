@@ -121,20 +121,24 @@ def _pixels(path: str, side: int | None, resize: bool, expect: int) -> np.ndarra
 
 
 def _chw(a: np.ndarray) -> torch.Tensor:
-    a = a if a.flags.writeable else a.copy()  # Pillow's arrays are read-only
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    """(H, W, 3) pixels as a (3, H, W) uint8 tensor; numpy's copy, not torch's (whose threaded
+    uint8 transpose costs ten times more on a loaded machine)."""
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
 def _evaluation(path: str, size: int, resize: bool) -> torch.Tensor:
-    """The evaluation transform of one file as (3, S, S) uint8 (see the module docstring)."""
+    """The evaluation transform of one file as (3, S, S) uint8 (see the module docstring); the
+    file is decoded once."""
     if not resize or size < CROP_FROM:
         return _chw(_pixels(path, size if resize else None, resize, size))
     from PIL import Image
 
     a = decode_image(path, 3)
     h, w = a.shape[:2]
-    if h == w:
-        return _chw(_pixels(path, size, True, size)) if (h, w) != (size, size) else _chw(a)
+    if (h, w) == (size, size):
+        return _chw(a)
+    if h == w:  # the pixels decode_image(path, 3, (size, size)) gives: the same resize of the same RGB image
+        return _chw(np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR), dtype=np.uint8))
     scale = size / min(h, w)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     im = Image.fromarray(a).resize((nw, nh), Image.BILINEAR)
@@ -142,19 +146,40 @@ def _evaluation(path: str, size: int, resize: bool) -> torch.Tensor:
     return _chw(np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8))
 
 
-def _training(path: str, size: int, resize: bool, seed: int) -> torch.Tensor:
-    """The training transform of one file, its randomness drawn from ``seed`` alone."""
-    from torchvision.transforms import v2
+def _crop_box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop`` box (scale 0.08-1 of the area, aspect 3/4-4/3, ten
+    tries, then the centre crop of the nearest allowed aspect), drawn from ``rng``."""
+    area, (lo, hi) = h * w, (np.log(3 / 4), np.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = float(np.exp(rng.uniform(lo, hi)))
+        cw, ch = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    ratio = w / h
+    ch, cw = (h, int(round(h * 4 / 3))) if ratio > 4 / 3 else ((int(round(w * 3 / 4)), w) if ratio < 3 / 4 else (h, w))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
 
-    with torch.random.fork_rng(devices=[]):  # v2 draws from torch's global generator; leave the caller's alone
-        torch.manual_seed(seed)
-        if size < CROP_FROM:
-            x = _chw(_pixels(path, size if resize else None, resize, size))
-            t = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomCrop(size, padding=SHIFT, fill=0)])
-        else:
-            x = _chw(_pixels(path, None, resize, size))
-            t = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
-        return t(x)
+
+def _training(path: str, size: int, resize: bool, seed: int) -> torch.Tensor:
+    """The training transform of one file, its randomness drawn from ``seed`` alone (a numpy
+    generator of its own: torch's global one is neither used nor reseeded)."""
+    rng = np.random.default_rng(seed)
+    if size < CROP_FROM:  # the papers' flip and translation up to SHIFT pixels, zero fill
+        a = _pixels(path, size if resize else None, resize, size)
+        if rng.random() < 0.5:
+            a = a[:, ::-1]
+        dy, dx = (int(v) for v in rng.integers(0, 2 * SHIFT + 1, size=2))
+        padded = np.zeros((size + 2 * SHIFT, size + 2 * SHIFT, 3), dtype=np.uint8)
+        padded[SHIFT:SHIFT + size, SHIFT:SHIFT + size] = a
+        return _chw(padded[dy:dy + size, dx:dx + size])
+    from torchvision.transforms.v2 import functional as F
+
+    a = _pixels(path, None, resize, size)
+    top, left, ch, cw = _crop_box(rng, *a.shape[:2])
+    flip = rng.random() < 0.5
+    x = F.resized_crop(_chw(a), top, left, ch, cw, [size, size], antialias=True)
+    return F.horizontal_flip(x) if flip else x
 
 
 class _Epoch(torch.utils.data.Dataset):
@@ -211,7 +236,7 @@ def stream_batches(split: StreamSet, order: torch.Tensor, batch_size: int, *, au
         return
     workers = min(workers, -(-len(order) // batch_size))
     if augmented:
-        from torchvision.transforms import v2  # noqa: F401  (imported once here, not in every forked worker)
+        from torchvision.transforms.v2 import functional  # noqa: F401  (imported once here, not in every forked worker)
     _fixed_mmap_threshold()
     loader = torch.utils.data.DataLoader(
         _Epoch(split, order, augmented, seed), batch_size=batch_size, shuffle=False, num_workers=workers,

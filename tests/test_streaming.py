@@ -185,3 +185,23 @@ def test_another_number_of_workers_resumes_the_same_run(tmp_path):
     check_resume(tmp_path / "config.yaml", settings(data=DataConfig(name="digits", workers=0)))
     with pytest.raises(UserError, match="data.stream"):
         check_resume(tmp_path / "config.yaml", settings(data=DataConfig(name="digits", workers=2, stream=False)))
+
+
+def test_training_transform_is_seeded_and_leaves_torch_rng_alone(tmp_path):
+    """The random-resized crop (>= CROP_FROM px) and the flip + shift (below) depend on the seed
+    alone, differ between seeds, stay within the image, and never draw from torch's generator."""
+    from compress.streaming import _crop_box, _training
+
+    f = str(next(Path(_folder(tmp_path, classes=1, per=(2, 1), side=200).split(":", 1)[1]).rglob("*.jpg")))
+    for size in (224, 32):
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        a, b, c = _training(f, size, True, 1), _training(f, size, True, 1), _training(f, size, True, 2)
+        assert torch.equal(torch.get_rng_state(), before)
+        assert a.shape == (3, size, size) and a.dtype == torch.uint8
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    rng = np.random.default_rng(0)
+    for h, w in ((200, 200), (50, 400), (400, 50)):
+        for _ in range(200):
+            top, left, ch, cw = _crop_box(rng, h, w)
+            assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
