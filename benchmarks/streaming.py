@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="CIFAR-10 ImageFolder (train/, test/)")
     p.add_argument("--work", type=Path, default=None, help="where the generated folders go (default: a temporary one)")
     p.add_argument("--classes", type=int, default=20)
-    p.add_argument("--per-class", type=int, nargs=2, default=[50, 200], metavar=("SMALL", "LARGE"))
+    p.add_argument("--per-class", type=int, nargs=2, default=[25, 100], metavar=("SMALL", "LARGE"))
     p.add_argument("--test-per-class", type=int, default=10)
     p.add_argument("--side", type=int, default=256, help="side of the generated JPEGs")
     p.add_argument("--workers", type=int, default=2)

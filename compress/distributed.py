@@ -12,15 +12,19 @@ How the engine uses them:
 - :func:`compress.analysis.fields.field_matrices` sums each rank's block of the test features
   and adds the per-class sums across ranks (:func:`all_reduce_sum`).
 - :mod:`compress.io` writes only on rank 0 (:func:`is_main`).
+- :func:`run_on_main` runs a piece of work on rank 0 alone, the process group hidden from it
+  (:func:`alone`), while the others wait; every rank gets its result (a recipe's model-changing
+  steps, exports and benchmarks).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,10 +32,17 @@ import torch.distributed as dist
 from compress.errors import UserError
 
 __all__ = ["init_distributed", "launched", "is_distributed", "rank", "world_size", "local_world_size", "is_main",
-           "barrier", "all_reduce_sum", "broadcast_", "broadcast_object", "shard_indices", "shard_range",
-           "session"]
+           "barrier", "all_reduce_sum", "broadcast_", "broadcast_object", "broadcast_state_", "shard_indices",
+           "shard_range", "alone", "run_on_main", "session"]
 
 _CHUNK_BYTES = 256 * 2**20  # CPU tensors cross NCCL in pieces of this size
+# How long the other ranks wait for rank 0's work in run_on_main (a benchmark or an export of a
+# large model can outlast the process group's own timeout; a rank that dies ends the wait at once).
+WAIT_FOR_MAIN = timedelta(hours=24)
+
+T = TypeVar("T")
+_alone = False  # inside alone(): this process acts as if it were the only one
+_wait_group: Any = None  # the gloo group run_on_main waits in (created on first use, by every rank)
 
 
 def launched() -> bool:
@@ -60,8 +71,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> bool:
 
 
 def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside an initialised process group of more than one process (and not :func:`alone`)."""
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -137,6 +148,20 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_state_(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Give every process rank ``src``'s parameters and buffers of ``module`` (the same
+    architecture everywhere), in place: e.g. after ``DistributedDataParallel`` training, whose
+    last step leaves each rank with its own batch-norm statistics."""
+    if is_distributed():
+        with torch.no_grad():
+            for t in module.state_dict().values():
+                if t.is_contiguous():
+                    broadcast_(t, src)
+                else:
+                    t.copy_(broadcast_(t.contiguous(), src))
+    return module
+
+
 def shard_indices(n: int, epoch_seed: int, *, shuffle: bool = True) -> torch.Tensor:
     """This rank's sample indices for one epoch, with ``DistributedSampler``'s semantics.
 
@@ -164,6 +189,64 @@ def shard_range(n: int, block: int = 1, *, of_rank: int | None = None) -> tuple[
     blocks = -(-n // max(1, block))
     first, last = blocks * r // world, blocks * (r + 1) // world
     return min(n, first * block), min(n, last * block)
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Act as a single process for the block: :func:`is_distributed` is False, :func:`world_size`
+    1, and every helper of this module a no-op, so library code (training, evaluation, analysis)
+    runs unsharded, without collective operations. For rank 0 while the others wait
+    (:func:`run_on_main`)."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
+def _group() -> Any:
+    """The gloo group of :func:`run_on_main` (CPU objects, a long timeout), created by every rank."""
+    global _wait_group
+    if _wait_group is None:
+        _wait_group = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN)
+    return _wait_group
+
+
+def _forget_group() -> None:
+    global _wait_group
+    _wait_group = None
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 alone (see :func:`alone`) while the other ranks wait; every rank returns
+    rank 0's result, which must be picklable. Every rank must call it at the same point.
+
+    In a single process, simply ``fn()``.
+
+    Raises:
+        Whatever ``fn`` raised on rank 0; on the other ranks a :class:`UserError` saying rank 0
+        stopped (rank 0 reports the error, the others stop quietly with it).
+    """
+    if not is_distributed():
+        return fn()
+    group = _group()
+    if is_main():
+        try:
+            with alone():
+                value = fn()
+            payload = pickle.dumps(("ok", value))
+        except BaseException as e:
+            dist.broadcast_object_list([pickle.dumps(("failed", f"{type(e).__name__}: {e}"))], src=0, group=group)
+            raise
+        dist.broadcast_object_list([payload], src=0, group=group)
+        return value
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    status, value = pickle.loads(box[0])
+    if status != "ok":
+        raise UserError(f"rank 0 stopped ({value})")
+    return value
 
 
 @contextmanager
@@ -197,5 +280,6 @@ def session(*, seed: int | None = None, single_process: str | None = None) -> It
         if quiet:
             sys.stdout.close()
             sys.stdout = stdout
+        _forget_group()
         if joined and dist.is_initialized():
             dist.destroy_process_group()

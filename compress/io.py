@@ -172,16 +172,20 @@ def run_folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     on the same folder is refused at once with a :class:`UserError` naming that PID. The kernel
     releases the lock when its process ends, however it ends, so the lock of a killed run is
     taken over by the next command. Re-entrant within a process (a run locks its folder and the
-    training it starts locks ``train/`` inside it). Under ``torchrun`` rank 0 holds it.
+    training it starts locks ``train/`` inside it). Under ``torchrun`` rank 0 holds it, and the
+    other ranks leave the folder alone (they neither create it nor test it: they write nothing).
 
     Yields:
-        ``folder`` as a :class:`~pathlib.Path` (created when missing).
+        ``folder`` as a :class:`~pathlib.Path` (created when missing, by rank 0).
     """
     if not str(folder).strip():
         raise UserError("the run folder (--out) is empty; name a folder, e.g. runs/my-run")
+    if not distributed.is_main():
+        yield Path(folder)
+        return
     folder = ensure_writable_dir(folder)
     key = os.path.realpath(folder)
-    if key in _HELD or not distributed.is_main():
+    if key in _HELD:
         yield folder
         return
     path = folder / LOCK_NAME

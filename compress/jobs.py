@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import yaml
 
-from compress import yamlsafe
+from compress import distributed, yamlsafe
 from compress.analysis import AnalysisConfig, AnalysisResult, analyze_model
 from compress.compression.serialize import save_model
 from compress.config import to_dict
@@ -43,7 +43,8 @@ def _write_config(folder: Path, doc: dict[str, Any]) -> None:
 # Options added since runs were first recorded, with the value that keeps the earlier behaviour: a
 # record without the key matches that value (and null, for any option), so such a run still resumes.
 ADDED_OPTIONS: dict[str, Any] = {"probe_lr_step": 1, "plateau_reference": "best_probe", "probe_preset": None,
-                                 "label_draw": "auto", "stream": "auto", "max_memory_gb": 4.0, "int8": False}
+                                 "label_draw": "auto", "stream": "auto", "max_memory_gb": 4.0, "int8": False,
+                                 "probe_augment": 0, "channels_last": False, "compile": False}
 
 
 # Options that change how the work runs but not its results (the data loader's worker processes:
@@ -168,6 +169,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: TrainConfig, out: s
         choices = bundle.for_choices("val" if bundle.val is not None else "test")
         history = fit(model, choices, cfg, out, meta=meta, resume=resume, progress=progress,
                       started=lambda: _write_config(out, recorded))
+        distributed.broadcast_state_(model)  # under torchrun: rank 0's batch-norm statistics (those saved) everywhere
         save_model(model, out / "model.pt", meta)
     return model, history, bundle
 
@@ -304,7 +306,8 @@ def run_label_scaling(model: ModelConfig, data: DataConfig, ks: Sequence[int], t
                      for d in range(draws)] if len(rows) >= 2 and draws > 1 else []
         summary = {**head, "rows": rows, "fit": fit, "fit_draws": fit_draws}
         atomic_write_text(out / "cifar_k.json", json.dumps(summary, indent=2))
-        write_cifar_k_report(out, summary)
+        if distributed.is_main():  # under torchrun rank 0 draws and writes the report
+            write_cifar_k_report(out, summary)
     return summary
 
 

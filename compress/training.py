@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compress.progress import tqdm
 
-from compress import distributed
+from compress import accel, distributed
 from compress.checks import integer, number, one_of
 from compress.checks import seed as check_seed
 from compress.config import to_dict
@@ -52,7 +52,14 @@ class TrainConfig:
         lr_decay: q, the factor of the step schedule.
         lr_step: dt, epochs between two decays of the step schedule.
         augment: random flips and 4-pixel translations of the training images.
-        amp: mixed precision on CUDA.
+        amp: mixed precision: true (float16 autocast with loss scaling on CUDA, float32 elsewhere), false
+            (float32), bf16 (bfloat16 autocast without loss scaling, on CUDA and on the CPU), or fp16 (float16
+            with loss scaling; CUDA only: refused on another device, where true is the portable setting).
+        channels_last: hold the model and the batches in the channels-last memory format while training
+            (faster convolutions with mixed precision on recent GPUs); checkpoints are saved as usual.
+        compile: torch.compile the model for training (inductor: needs a C++ compiler on the CPU and
+            Triton on CUDA, and a machine without them stops with an error; the first steps are slow while
+            it compiles); checkpoints keep their keys.
         seed: initial weights, shuffling and augmentation.
         lr_factors: learning-rate factor per module prefix, e.g. {blocks: 0.1, classifier: 1.0}.
         distill: fine-tune with the original model as teacher, e.g. {temperature: 4, alpha: 0.9}:
@@ -73,7 +80,9 @@ class TrainConfig:
     lr_decay: float = 0.6
     lr_step: int = 20
     augment: bool = True
-    amp: bool = True
+    amp: bool | Literal["bf16", "fp16"] = True
+    channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     lr_factors: dict[str, float] = field(default_factory=dict)
     distill: DistillConfig | None = None
@@ -95,6 +104,10 @@ class TrainConfig:
             number("weight_decay_fc", self.weight_decay_fc, low=0, high=1, hint="L2 weight decay, 0 for none")
         number("lr_decay", self.lr_decay, low=0, high=1, low_open=True, hint="the factor of the step schedule")
         integer("lr_step", self.lr_step, low=1, hint="epochs between two decays of the step schedule")
+        accel.check_amp("amp", self.amp)
+        for key in ("channels_last", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise OptionError(key, f"{shorten(getattr(self, key))}: expected true or false")
         check_seed("seed", self.seed)
         for prefix, factor in (self.lr_factors or {}).items():
             number(f"lr_factors.{clip(str(prefix), 60)}", factor, low=0, high=MAX_LR,
@@ -164,8 +177,10 @@ def _lr_factor(cfg: TrainConfig, epoch: float) -> float:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, bundle: DataBundle, split: ImageSet | None = None, batch_size: int = 500,
-             device: torch.device | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (default: the test split).
+             device: torch.device | None = None, *, channels_last: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (default: the test split), in float32; with
+    ``channels_last`` the batches are fed channels-last (for a model held so, see
+    :attr:`TrainConfig.channels_last`).
 
     Under ``torchrun`` each process counts a contiguous block of the split and the counts are
     summed: every process must call it, and all get the same answer.
@@ -177,7 +192,7 @@ def evaluate(model: nn.Module, bundle: DataBundle, split: ImageSet | None = None
     start, stop = distributed.shard_range(len(split), batch_size)
     correct = torch.zeros((), dtype=torch.float64)
     for x, y in iterate_batches(bundle, split, batch_size, device=device, order=torch.arange(start, stop)):
-        correct += (model(x).argmax(1) == y).sum().item()
+        correct += (model(accel.channels_last(x) if channels_last else x).argmax(1) == y).sum().item()
     model.train(was)
     return distributed.all_reduce_sum(correct).item() / max(1, len(split))
 
@@ -197,6 +212,15 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
     (:func:`compress.distributed.shard_indices`), so the learning rates mean the same at any W.
     Rank 0 writes the checkpoint and the history; every rank resumes from the same checkpoint
     (on storage all nodes share). The weights saved are the unwrapped model's.
+
+    The GPU settings of ``cfg`` (:mod:`compress.accel`): ``amp`` picks the autocast dtype (the
+    teacher runs under the same one; float16 alone uses a gradient scaler). With ``channels_last``
+    the model (not the teacher) is held channels-last for the run and handed back, and saved, in
+    the usual contiguous format. With ``compile`` the module trained is ``torch.compile(model)``,
+    compiled before the ``DistributedDataParallel`` wrapping (PyTorch's advice: compile the inner
+    module); it shares the model's parameters, and the checkpoints hold ``model.state_dict()``, so
+    their keys do not change. The accuracy of each epoch is measured on the model uncompiled, in
+    float32.
 
     Args:
         model: the network (moved to ``device``).
@@ -223,10 +247,14 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
         UserError: the checkpoint to resume from is damaged, carries code or is of another model;
             ``cfg.distill`` without a teacher, or a teacher with other outputs than the model;
             or the loss or the weights stopped being finite (the run stops before saving that
-            epoch, so the last good checkpoint is kept).
+            epoch, so the last good checkpoint is kept); ``compile`` on a machine whose torch.compile
+            cannot compile (no C++ compiler, no Triton): one line, on the first step, before anything
+            of the epoch is saved.
+        OptionError: ``amp`` fp16 on a device other than CUDA (raised before any work).
     """
     out_dir = Path(out_dir)
     device = device or default_device()
+    dtype = accel.amp_dtype(cfg.amp, device)  # None: float32; fp16 off CUDA is refused here, before any work
     distill = cfg.distill if cfg.distill is not None and cfg.distill.alpha > 0 else None
     if distill is not None and teacher is None:
         raise UserError("distill: distillation needs a teacher (the original model), which only the fine-tuning "
@@ -234,46 +262,48 @@ def fit(model: nn.Module, bundle: DataBundle, cfg: TrainConfig, out_dir: str | P
     model.to(device)
     if distill is not None:
         teacher.to(device).eval()
-    torch.manual_seed(cfg.seed)
-    groups = param_groups(model, cfg)
-    base_lrs = [g["lr"] for g in groups]
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    ckpt_path = out_dir / CHECKPOINT
-    history = _resume(model, opt, ckpt_path, device) if resume else []
-    if started is not None:
-        started()
-    net, batch_size = _parallel(model, cfg, device)
-    progress = progress and distributed.is_main()
-    for epoch in range(len(history), cfg.epochs):
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * _lr_factor(cfg, epoch)
-        t0 = time.perf_counter()
-        step = _Step(net, model, opt, scaler, base_lrs, cfg, use_amp, after_step, teacher if distill else None)
-        try:
-            seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
-        except FloatingPointError as e:
-            raise _diverged(cfg, epoch, f"the loss became {e.args[0]}", ckpt_path, len(history)) from None
-        bad = non_finite(model)
-        if bad or not math.isfinite(loss_sum):
-            what = f"the weights of {', '.join(bad[:3])} became" if bad else "the loss became"
-            raise _diverged(cfg, epoch, f"{what} NaN or infinite", ckpt_path, len(history))
-        acc = evaluate(model, bundle, device=device)
-        split = bundle.eval_split
-        history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
-                        "train_acc": correct / seen, f"{split}_acc": acc, "seconds": time.perf_counter() - t0})
-        if progress:
-            h = history[-1]
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  train {h['train_acc']:.4f}  "
-                       f"{split} {acc:.4f}  ({h['seconds']:.1f} s)")
-        if distributed.is_main():
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                               "history": json.dumps(history), "config": json.dumps(cfg.train_options()),
-                               "meta": json.dumps(meta or {})}, ckpt_path)
-            atomic_write_text(out_dir / "history.json", json.dumps(history, indent=2))
-        distributed.barrier()
-    return history
+    with accel.channels_last_module(model, enabled=cfg.channels_last):
+        torch.manual_seed(cfg.seed)
+        groups = param_groups(model, cfg)
+        base_lrs = [g["lr"] for g in groups]
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        scaler = accel.grad_scaler(dtype, device)
+        ckpt_path = out_dir / CHECKPOINT
+        history = _resume(model, opt, ckpt_path, device) if resume else []
+        if started is not None:
+            started()
+        net, batch_size = _parallel(accel.compile_module(model) if cfg.compile else model, cfg, device)
+        progress = progress and distributed.is_main()
+        for epoch in range(len(history), cfg.epochs):
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * _lr_factor(cfg, epoch)
+            t0 = time.perf_counter()
+            step = _Step(net, model, opt, scaler, base_lrs, cfg, dtype, after_step, teacher if distill else None)
+            try:
+                seen, loss_sum, correct = _train_epoch(step, bundle, batch_size, epoch, device, progress)
+            except FloatingPointError as e:
+                raise _diverged(cfg, epoch, f"the loss became {e.args[0]}", ckpt_path, len(history)) from None
+            bad = non_finite(model)
+            if bad or not math.isfinite(loss_sum):
+                what = f"the weights of {', '.join(bad[:3])} became" if bad else "the loss became"
+                raise _diverged(cfg, epoch, f"{what} NaN or infinite", ckpt_path, len(history))
+            acc = evaluate(model, bundle, device=device, channels_last=cfg.channels_last)
+            split = bundle.eval_split
+            history.append({"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": loss_sum / seen,
+                            "train_acc": correct / seen, f"{split}_acc": acc, "seconds": time.perf_counter() - t0})
+            if progress:
+                h = history[-1]
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {h['loss']:.4f}  train {h['train_acc']:.4f}  "
+                           f"{split} {acc:.4f}  ({h['seconds']:.1f} s)")
+            if distributed.is_main():
+                weights = {k: v.contiguous() for k, v in model.state_dict().items()} if cfg.channels_last \
+                    else model.state_dict()
+                atomic_torch_save({"model": weights, "optimizer": opt.state_dict(), "epoch": epoch,
+                                   "history": json.dumps(history), "config": json.dumps(cfg.train_options()),
+                                   "meta": json.dumps(meta or {})}, ckpt_path)
+                atomic_write_text(out_dir / "history.json", json.dumps(history, indent=2))
+            distributed.barrier()
+        return history
 
 
 def _diverged(cfg: TrainConfig, epoch: int, what: str, path: Path, finished: int) -> UserError:
@@ -358,7 +388,7 @@ class _Step:
     scaler: torch.amp.GradScaler
     base_lrs: list[float]
     cfg: TrainConfig
-    use_amp: bool
+    dtype: torch.dtype | None  # of autocast (None: float32)
     after_step: Any
     teacher: nn.Module | None = None
 
@@ -366,7 +396,9 @@ class _Step:
         if self.cfg.schedule != "step":  # smooth schedules move every step
             for g, lr in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = lr * _lr_factor(self.cfg, epoch)
-        with torch.autocast(x.device.type, enabled=self.use_amp):
+        if self.cfg.channels_last:
+            x = accel.channels_last(x)
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.net(x)
             if self.teacher is None:
                 loss = F.cross_entropy(logits, y)
@@ -401,7 +433,10 @@ def _train_epoch(step: _Step, bundle: DataBundle, batch_size: int, epoch: int, d
     bar = tqdm(batches, total=steps_per_epoch, disable=not progress,
                desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
-        loss, logits = step(x, y, epoch + i / steps_per_epoch)
+        try:
+            loss, logits = step(x, y, epoch + i / steps_per_epoch)
+        except accel.COMPILE_ERRORS as e:  # torch.compile compiles on the first call (and on a new batch shape)
+            raise accel.compile_failure(e) from None
         value = loss.item()
         if world == 1 and not math.isfinite(value):  # several processes stop together, after the epoch
             raise FloatingPointError(value)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "compress"
 # Bottom to top: a module may import its own layer's modules and those of lower layers only.
 LAYERS = [
     ["compress._version", "compress.errors", "compress.checks", "compress.yamlsafe", "compress.images",
-     "compress.labelsets"],
+     "compress.labelsets", "compress.accel"],
     ["compress.distributed", "compress.config"],
     ["compress.io", "compress.system", "compress.progress"],
     ["compress.models"],

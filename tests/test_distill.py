@@ -181,13 +181,13 @@ def test_a_recipe_distils_in_every_fine_tuning_from_one_loaded_teacher(tmp_path,
     import compress.recipe.state as state_module
 
     loads = []
-    real = state_module.load_model
+    real = state_module.load_shared  # the teacher's loader (under torchrun rank 0's file, sent to all)
 
     def counting(path, device="cpu"):
         loads.append(str(path))
         return real(path, device=device)
 
-    monkeypatch.setattr(state_module, "load_model", counting)
+    monkeypatch.setattr(state_module, "load_shared", counting)
     calls = []
     import compress.recipe.steps.finetune as finetune_module  # every recipe fine-tuning goes through finetune()
 

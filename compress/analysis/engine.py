@@ -26,6 +26,8 @@ from compress.analysis.probes import LinearProbe
 
 __all__ = ["AnalysisConfig", "analyze_model", "analyze_tap"]
 
+MAX_PROBE_AUGMENT = 100  # augmented copies per training image: each is one more feature pass and cache
+
 
 @dataclass(frozen=True)
 class AnalysisConfig:
@@ -51,6 +53,11 @@ class AnalysisConfig:
         probe_lr_decay: q, the factor on the probe learning rate every probe_lr_step epochs (default: the
             preset's, else 0.975).
         probe_lr_step: dt, probe epochs between two decays of the learning rate (default: the preset's, else 1).
+        probe_augment: N augmented copies of every training image (random flip and translation up to 4 pixels,
+            as training augments; seeded by seed) whose features are cached beside the plain ones, at the cost of
+            N more feature passes; each probe epoch then takes, for every image, one of its 1+N versions at random.
+            The papers' probes saw augmented images; 0 trains on the plain images' features only (the validation
+            and test features, and phase 3, always use the plain images).
         plateau_tolerance: accuracy points below the reference (plateau_reference) still counted as the plateau.
         plateau_reference: what the plateau tolerance is measured from: best_probe (the best probe's accuracy)
             or model (the whole model's accuracy on the same split, as the first paper compares; when no probe
@@ -60,7 +67,7 @@ class AnalysisConfig:
         cache_dir: folder for those files (default: a temporary folder).
         batch_size: images per forward pass during feature extraction.
         tap_pool: average-pool each tap KxK, stride K, before its probe (the paper used 7 at 224x224).
-        seed: probe initialisation and shuffling.
+        seed: probe initialisation and shuffling, and the probe_augment copies.
         decision: Fig. 3B decision matrices: all, none, sample:N (N filters, most clustered first) or auto (all if K <= 100).
         save_fields: raw and normalised fields in the artifact: float32, float16, none or auto (float32 if K <= 100).
     """
@@ -76,6 +83,7 @@ class AnalysisConfig:
     probe_weight_decay: float | None = None
     probe_lr_decay: float | None = None
     probe_lr_step: int | None = None
+    probe_augment: int = 0
     plateau_tolerance: float = 0.5
     plateau_reference: Literal["best_probe", "model"] = "best_probe"
     feature_dtype: Literal["float32", "float16"] = "float32"
@@ -100,6 +108,8 @@ class AnalysisConfig:
         checks.number("probe_weight_decay", self.probe_weight_decay, low=0, high=1, hint="in [0, 1], e.g. 1e-3")
         checks.number("probe_lr_decay", self.probe_lr_decay, low=0, high=1, low_open=True, hint="in (0, 1], e.g. 0.975")
         checks.integer("probe_lr_step", self.probe_lr_step, low=1, hint="epochs between two decays, e.g. 1 or 20")
+        checks.integer("probe_augment", self.probe_augment, low=0, high=MAX_PROBE_AUGMENT,
+                       hint="augmented copies of every training image, e.g. 0 (none) or 4")
         if self.plateau_reference not in ("best_probe", "model"):
             raise OptionError("plateau_reference", f"{self.plateau_reference!r}: must be best_probe or model")
         checks.number("plateau_tolerance", self.plateau_tolerance, low=0, high=100, hint="accuracy points, e.g. 0.5")
@@ -183,14 +193,17 @@ def _fit_probes(cfg: AnalysisConfig, k: int, taps: Sequence[str], train: Feature
     """Train one probe per tap: ``{tap: (weight (K, D), test accuracy, train accuracy)}``.
 
     Each probe is trained by one process (tap i on rank i mod W, all in parallel), then shared.
+    With augmented copies in ``train`` the probe draws among them; its training accuracy is the
+    plain images'.
     """
     world, me = distributed.world_size(), distributed.rank()
     out = {}
     for i, name in enumerate(tqdm(taps, desc="probes", disable=not progress, leave=False)):
         if i % world == me:
-            p = cfg.make_probe(k).fit(train.features[name], train.labels, progress=progress, desc=f"probe {name}")
-            out[name] = (p.coef_, p.score(test.features[name], test.labels),
-                         p.score(train.features[name], train.labels))
+            p = cfg.make_probe(k).fit(train.features[name], train.labels, progress=progress, desc=f"probe {name}",
+                                      release=train.release)
+            out[name] = (p.coef_, p.score(test.features[name], test.labels, test.release),
+                         p.score(train.plain(name), train.labels, train.release))
             train.release()  # on-disk caches: the next tap starts from a small resident set
             test.release()
     if world > 1:
@@ -208,8 +221,9 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
                   model_accuracy: float | None = None) -> AnalysisResult:
     """Run phases 2 and 3 of the method on a trained ``model``.
 
-    Features of all taps come from one pass over the training and one over the test images;
-    each probe then trains on the cached features only.
+    Features of all taps come from one pass over the training and one over the test images (and
+    one more over the training images per augmented copy, ``cfg.probe_augment``); each probe then
+    trains on the cached features only.
 
     Under ``torchrun`` the passes are split across processes (every process ends with the full
     caches), the probes are dealt round-robin (tap i is trained by rank i mod W with the same
@@ -235,7 +249,8 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
     t0 = time.perf_counter()
     common = dict(dtype=cfg.feature_dtype, batch_size=cfg.batch_size, max_memory_gb=cfg.max_memory_gb / 2,
                   cache_dir=cfg.cache_dir, device=device, progress=progress, pool=cfg.tap_pool)
-    train = extract_features(model, bundle, bundle.train, taps, desc="features (train)", **common)
+    train = extract_features(model, bundle, bundle.train, taps, desc="features (train)", augment=cfg.probe_augment,
+                             seed=cfg.seed, **common)
     test = extract_features(model, bundle, bundle.test, taps, desc="features (test)", **common)
     timings["features"] = time.perf_counter() - t0
     k = bundle.num_classes

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from compress.progress import tqdm
 
 from compress import distributed
-from compress.data import DataBundle, ImageSet, iterate_batches
+from compress.accel import inference_forward
+from compress.data import DataBundle, ImageSet, StreamSet, iterate_batches
 from compress.errors import UserError
 from compress.models.taps import StopForward, capture, tap_shapes
 
@@ -32,6 +33,10 @@ _RELEASE_BYTES = 256 * 2**20  # on-disk caches: flush and drop written pages thi
 class FeatureCache:
     """Tap outputs for one split: ``features[tap]`` is (N, C, H, W), ``labels`` is (N,).
 
+    With augmented copies (``versions`` > 1, :func:`extract_features` ``augment``) ``features[tap]``
+    holds ``versions * N`` rows, version-major: the plain images first (rows ``0..N-1``, what
+    :meth:`plain` returns), then copy v of image i at row ``v * N + i``; ``labels`` stays (N,).
+
     Arrays live in memory, or in memory-mapped files under ``folder`` when they would not fit
     (``on_disk``); either way they are torch tensors sharing the storage. The files are removed
     when the cache is garbage-collected.
@@ -42,9 +47,14 @@ class FeatureCache:
     on_disk: bool = False
     folder: Path | None = None
     maps: dict[str, np.memmap] = field(default_factory=dict, repr=False)
+    versions: int = 1
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def plain(self, tap: str) -> torch.Tensor:
+        """The features of the plain (unaugmented) images at ``tap``: the first ``len(self)`` rows."""
+        return self.features[tap][:len(self.labels)]
 
     def release(self) -> None:
         """Drop the file pages an on-disk cache has mapped into this process (they are read back
@@ -112,25 +122,59 @@ def _release(maps: dict[str, np.memmap]) -> None:
             mm.madvise(mmap.MADV_DONTNEED)
 
 
-def _share(feats: dict[str, torch.Tensor], n: int, block: int) -> None:
-    """Give every process the rows the others extracted (in-memory caches)."""
-    for r in range(distributed.world_size()):
-        start, stop = distributed.shard_range(n, block, of_rank=r)
-        if stop > start:
-            for t in feats.values():
-                distributed.broadcast_(t[start:stop], src=r)
+def _share(feats: dict[str, torch.Tensor], n: int, block: int, versions: int = 1) -> None:
+    """Give every process the rows the others extracted (in-memory caches), in each version's rows."""
+    for v in range(versions):
+        for r in range(distributed.world_size()):
+            start, stop = distributed.shard_range(n, block, of_rank=r)
+            if stop > start:
+                for t in feats.values():
+                    distributed.broadcast_(t[v * n + start:v * n + stop], src=r)
+
+
+def _copy_seed(seed: int, version: int, first: int) -> int:
+    """The augmentation seed of copy ``version`` of the images from ``first`` on."""
+    return ((seed * 1_000_003 + version) * 1_000_033 + first) % 2**63
+
+
+def _all_versions(bundle: DataBundle, split: ImageSet | StreamSet, batch_size: int, device: torch.device,
+                  start: int, stop: int, versions: int, seed: int):
+    """Yield ``(x, first row)``: the batches of images ``start..stop``, plain, then each augmented copy.
+
+    Copy v (1..versions-1) of an in-memory batch is augmented as training augments (random flip
+    and translation, :func:`compress.data.augment`) from :func:`_copy_seed` of ``seed``, v and the
+    batch's first image: the same for a given seed and batch size whatever the number of processes
+    (their blocks are whole batches). A streamed split is augmented by its loader's workers, seeded
+    per image of the process's block.
+    """
+    n = len(split)
+    row = start
+    for x, _ in iterate_batches(bundle, split, batch_size, device=device, order=torch.arange(start, stop)):
+        yield x, row
+        row += x.shape[0]
+    spans = ([(start, stop)] if isinstance(split, StreamSet) else
+             [(a, min(a + batch_size, stop)) for a in range(start, stop, batch_size)])
+    for v in range(1, versions):
+        for a, b in spans:
+            row = v * n + a
+            gen = torch.Generator().manual_seed(_copy_seed(seed, v, a))
+            for x, _ in iterate_batches(bundle, split, batch_size, augmented=True, generator=gen, device=device,
+                                        order=torch.arange(a, b)):
+                yield x, row
+                row += x.shape[0]
 
 
 @torch.inference_mode()
 def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps: Sequence[str], *,
                      dtype: str = "float32", batch_size: int = 500, max_memory_gb: float = 4.0,
                      cache_dir: str | Path | None = None, device: torch.device | None = None,
-                     progress: bool = True, desc: str = "features", pool: int | None = None) -> FeatureCache:
+                     progress: bool = True, desc: str = "features", pool: int | None = None, augment: int = 0,
+                     seed: int = 0) -> FeatureCache:
     """Run ``split`` through ``model`` once and keep every tap's output.
 
-    Layers after the deepest tap are skipped. No augmentation: the papers' probes see the
-    preprocessed images. Under ``torchrun`` each process runs a contiguous block of whole
-    batches (the same batches a single process runs, so the features are the same), then every
+    Layers after the deepest tap are skipped. No augmentation unless ``augment`` asks for
+    augmented copies (one more pass each). Under ``torchrun`` each process runs a contiguous
+    block of whole batches (the same batches a single process runs, so the features are the same), then every
     process gets the full cache: in memory by broadcasting each block, on disk by writing each
     block into the same memory-mapped files.
 
@@ -151,24 +195,31 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
         desc: progress bar label.
         pool: average-pool every 4-D tap output with this kernel and stride (ceil mode) before
             caching, as the second paper did before its EfficientNet probes (7: 112x112 -> 16x16).
+        augment: also cache this many augmented copies of every image (random flip and translation
+            up to 4 pixels, as training augments), after the plain ones in the same arrays:
+            ``features[tap]`` gets ``(1 + augment) * N`` rows (see :class:`FeatureCache`).
+        seed: seeds the copies' augmentation (deterministic for a given seed and ``batch_size``).
     """
     if dtype not in _DTYPES:
         raise UserError(f"unknown feature dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise UserError(f"augment {augment!r}: the augmented copies per image must be a whole number, 0 or more")
     device = device or next(model.parameters()).device
     model.eval()
     shapes = tap_shapes(model, taps, bundle.input_size)
     if pool:
         shapes = {t: _pooled_shape(s, pool) for t, s in shapes.items()}
-    n = len(split)
+    n, versions = len(split), 1 + augment
+    rows = versions * n
     row_bytes = sum(math.prod(s) for s in shapes.values()) * torch.tensor([], dtype=_DTYPES[dtype][0]).element_size()
-    on_disk = n * row_bytes > max_memory_gb * 2**30
+    on_disk = rows * row_bytes > max_memory_gb * 2**30
     folder, maps = None, {}
     if on_disk:
         folder = _cache_folder(cache_dir)
-        maps = _open_maps(folder, {t: (n, *shapes[t]) for t in taps}, dtype, create=True)
+        maps = _open_maps(folder, {t: (rows, *shapes[t]) for t in taps}, dtype, create=True)
         feats = {t: torch.from_numpy(maps[t]) for t in taps}
     else:
-        feats = {t: torch.empty((n, *shapes[t]), dtype=_DTYPES[dtype][0]) for t in taps}
+        feats = {t: torch.empty((rows, *shapes[t]), dtype=_DTYPES[dtype][0]) for t in taps}
     start, stop = distributed.shard_range(n, batch_size)
     offset, unreleased = start, 0
 
@@ -178,11 +229,12 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
         feats[name][offset:offset + out.shape[0]] = out.detach().to("cpu", _DTYPES[dtype][0])
 
     with capture(model, taps, sink):
-        batches = iterate_batches(bundle, split, batch_size, device=device, order=torch.arange(start, stop))
-        for x, _ in tqdm(batches, total=math.ceil((stop - start) / batch_size), desc=desc,
-                         disable=not (progress and distributed.is_main()), leave=False):
+        batches = _all_versions(bundle, split, batch_size, device, start, stop, versions, seed)
+        for x, row in tqdm(batches, total=versions * math.ceil((stop - start) / batch_size), desc=desc,
+                           disable=not (progress and distributed.is_main()), leave=False):
+            offset = row
             try:
-                model(x)
+                inference_forward(model, x)  # CUDA: float16 autocast, channels-last; elsewhere model(x)
             except StopForward:
                 pass
             offset += x.shape[0]
@@ -193,11 +245,11 @@ def extract_features(model: nn.Module, bundle: DataBundle, split: ImageSet, taps
     if maps:
         _release(maps)
         if distributed.is_distributed():  # every block is in the files: map them afresh
-            maps = _open_maps(folder, {t: (n, *shapes[t]) for t in taps}, dtype, create=False)
+            maps = _open_maps(folder, {t: (rows, *shapes[t]) for t in taps}, dtype, create=False)
             feats = {t: torch.from_numpy(maps[t]) for t in taps}
     elif distributed.is_distributed():
-        _share(feats, n, batch_size)
-    cache = FeatureCache(feats, split.labels.clone(), on_disk=on_disk, folder=folder, maps=maps)
+        _share(feats, n, batch_size, versions)
+    cache = FeatureCache(feats, split.labels.clone(), on_disk=on_disk, folder=folder, maps=maps, versions=versions)
     if folder is not None and distributed.is_main():
         weakref.finalize(cache, shutil.rmtree, folder, ignore_errors=True)
     return cache

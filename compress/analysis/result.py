@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from compress import distributed
 from compress.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["LayerStats", "TapAnalysis", "AnalysisResult", "load_analysis", "PackedMatrices", "SparseMatrices",
@@ -355,7 +356,8 @@ class AnalysisResult:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``analysis.json`` and ``arrays/<tap>.npz`` under ``folder``; returns the JSON path."""
         folder = Path(folder)
-        (folder / "arrays").mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():  # under torchrun rank 0 writes (compress.io skips the others' writes)
+            (folder / "arrays").mkdir(parents=True, exist_ok=True)
         for t in self.taps:
             import io
 

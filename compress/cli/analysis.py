@@ -153,7 +153,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="folder: K<k>/train, K<k>/analysis, cifar_k.json, report")
     p.add_argument("--no-resume", action="store_true", help="train every K again even if its checkpoint exists")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_cifar_k)
+    p.set_defaults(func=_cmd_cifar_k, distributed=True)
 
     p = sub.add_parser("taps", help="list a model's taps with their output shapes")
     p.add_argument("model_name", metavar="MODEL")

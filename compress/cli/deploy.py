@@ -213,7 +213,7 @@ def add_commands(sub) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
     p.add_argument("--repeats", type=int, default=50, help="timed interleaved rounds")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="ort-cpu, ort-cuda, torch-cpu, torch-cuda (default: all available)")
+                   help="ort-cpu, ort-cuda, ort-trt (TensorRT), torch-cpu, torch-cuda (default: all available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and onnxruntime")
     p.add_argument("--tol", type=float, default=1e-3, help="export verification tolerance")
     p.add_argument("--int8", action="store_true", help="also bench an INT8 variant of every model (onnxruntime static "

@@ -99,6 +99,9 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *, prefix: str =
             parser.add_argument(*names, dest=dest, type=conv, default=default, nargs="?", const=True,
                                 metavar="{" + ",".join([*map(str, choices), "true", "false"]) + "}",
                                 help=text + shown)
+            negated = [f"--no-{n[2:]}" for n in names if n.startswith("--") and f"--no-{n[2:]}" not in actions]
+            if negated:  # --no-x stays the same as --x false (amp was a plain switch, --amp/--no-amp, before)
+                parser.add_argument(*negated, dest=dest, action="store_false", help=argparse.SUPPRESS)
             continue
         metavar = None if "choices" in extra else {int: "N", float: "X"}.get(conv, f.name.upper())
         parser.add_argument(*names, dest=dest, type=conv, default=default, help=text + shown, metavar=metavar,

@@ -72,7 +72,8 @@ def _save_traceback(args: argparse.Namespace | None) -> str | None:
     text = "".join(traceback.format_exc())
     name = f"compress-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     out = getattr(args, "out", None)
-    folders = ([Path(out)] if isinstance(out, str) and Path(out).is_dir() else []) + [Path(tempfile.gettempdir())]
+    mine = isinstance(out, str) and _is_main() and Path(out).is_dir()  # under torchrun only rank 0 writes there
+    folders = ([Path(out)] if mine else []) + [Path(tempfile.gettempdir())]
     for folder in folders:
         try:
             path = folder / name
@@ -132,8 +133,8 @@ def _run(args: argparse.Namespace) -> int:
 
     several = None
     if not getattr(args, "distributed", False):
-        several = (f"`compress {args.command or 'demo'}` runs in one process; under torchrun use `compress train` "
-                   f"or `compress analyze`")
+        several = (f"`compress {args.command or 'demo'}` runs in one process; under torchrun use `compress train`, "
+                   f"`analyze`, `run`, `demo` or `cifar-k`")
     with distributed.session(seed=_seed(args), single_process=several) as quiet:
         if quiet and hasattr(args, "quiet"):
             args.quiet = True

@@ -79,7 +79,7 @@ def add_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--no-resume", action="store_true", help=_NO_RESUME)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, distributed=True)
 
     p = sub.add_parser("run", help="run a compression recipe (YAML): analyse, compress, fine-tune, export, bench")
     p.add_argument("recipe", help="recipe file, e.g. recipes/digits-demo.yaml")
@@ -90,7 +90,7 @@ def add_commands(sub) -> None:
                    help="validate, build the model and take one training step on random data, then stop")
     p.add_argument("--no-resume", action="store_true", help=_NO_RESUME)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, distributed=True)
 
     p = sub.add_parser("steps", help="list every recipe step with its options, defaults and meaning (Markdown)")
     p.set_defaults(func=_cmd_steps)

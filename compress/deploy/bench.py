@@ -1,6 +1,7 @@
 """The benchmark: parameters and FLOPs (fvcore), latency with onnxruntime and PyTorch eager
 (warm-up, repeats, median and p90, throughput, models timed interleaved in one process), test
-accuracy of the exported ONNX model, and the environment every figure was taken in."""
+accuracy of the exported ONNX model, and the environment every figure was taken in. Backends:
+:data:`BACKENDS`; ``ort-trt`` is onnxruntime's TensorRT provider (:mod:`compress.deploy.trt`)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from compress.io import atomic_write_text, run_folder_lock
 from compress.models.introspect import count_flops, count_params
 from compress.system import environment, int8_fast_path
 from compress.deploy.predict import normalize_pixels, open_session, parse_deploy_props, read_deploy_meta
+from compress.deploy.trt import open_trt_session, warmed
 
 __all__ = ["BACKENDS", "LatencyStats", "Candidate", "BenchResult", "count_params", "count_flops",
            "measure_latency", "time_interleaved", "torch_runner", "ort_runner", "available_backends",
            "read_model_file_meta", "load_candidates", "onnx_accuracy", "environment", "run_bench"]
 
-BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda")
 GENERIC_NAMES = {"model", "checkpoint", "best", "last"}
 # no busy-waiting of idle onnxruntime workers: in interleaved timing they would steal the cores of the
 # model timed next
@@ -171,12 +173,16 @@ def ort_runner(session, input_size: Sequence[int], batch: int, device: str = "cp
 
 
 def available_backends() -> list[str]:
-    """The backends this machine can time: ONNX Runtime and PyTorch on CPU, and on CUDA where present."""
+    """The backends this machine can time: ONNX Runtime and PyTorch on CPU, and on CUDA where
+    present; ONNX Runtime's TensorRT provider where onnxruntime lists it."""
     import onnxruntime as ort
 
     found = ["ort-cpu", "torch-cpu"]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" in providers:
         found.insert(1, "ort-cuda")
+        if "TensorrtExecutionProvider" in providers:
+            found.insert(2, "ort-trt")
     if torch.cuda.is_available():
         found.append("torch-cuda")
     return found
@@ -355,10 +361,12 @@ def _time_backend(cands: list[Candidate], backend: str, batch_sizes: Sequence[in
             if c.model is not None:
                 runners[c.name] = lambda b, c=c, size=size: torch_runner(c.model, size, b, device)
         else:
-            sess = open_session(c.onnx_path, device, threads, ORT_CONFIG)
+            sess = (open_trt_session(c.onnx_path, threads, ORT_CONFIG) if device == "trt"
+                    else open_session(c.onnx_path, device, threads, ORT_CONFIG))
             fixed = sess.get_inputs()[0].shape[0]
-            runners[c.name] = lambda b, s=sess, size=size, f=fixed: (
-                ort_runner(s, size, b, device) if not isinstance(f, int) or f == b else None)
+            on = "cuda" if device == "trt" else device  # TensorRT reads and writes CUDA memory: I/O binding
+            runners[c.name] = lambda b, s=sess, size=size, f=fixed, on=on: (
+                warmed(ort_runner(s, size, b, on), device == "trt") if not isinstance(f, int) or f == b else None)
     out: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in runners}
     for b in batch_sizes:
         fns = {n: make(b) for n, make in runners.items()}
@@ -388,7 +396,8 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
         batch_sizes: batches timed.
         warmup: untimed calls per model, backend and batch before timing.
         repeats: timed interleaved rounds.
-        backends: subset of :data:`BACKENDS` (default: all this machine has).
+        backends: subset of :data:`BACKENDS` (default: all this machine has; ``ort-trt`` only where
+            onnxruntime lists its TensorRT provider, else it is refused naming the available ones).
         threads: CPU threads of PyTorch and onnxruntime (default: PyTorch's current count for both).
         tol: export verification tolerance.
         int8: also bench an INT8 variant of every model (:func:`compress.deploy.quantize.quantize_onnx`,

@@ -12,6 +12,14 @@ The runner knows no step by name: it calls each step's ``run`` and, for a step t
                            the split choices are made on (validation), and the test accuracy of the
                            original and the final model (reported once each)
     report.md, report.html the chain report
+
+Under ``torchrun`` with several processes every process runs the recipe together: training and
+fine-tuning with ``DistributedDataParallel`` (:func:`~compress.training.fit`), the analysis
+sharded (every process ends with the whole result), and each step either on every process (a
+step whose ``all_ranks`` is true: it fine-tunes) or on rank 0 alone while the others wait and
+then adopt rank 0's model (:meth:`~compress.recipe.state.RunState.on_main`). Only rank 0 writes:
+the other processes touch nothing in the run folder, so they need no storage in common with it
+(resuming reads the fine-tuning checkpoints on every process, which then needs it).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import torch
 import torch.nn as nn
 import yaml
 
+from compress import distributed
+from compress.compression.serialize import load_shared, share_model
 from compress.config import to_dict
 from compress.data import DataBundle
 from compress.io import atomic_write_text, run_folder_lock
@@ -43,12 +53,24 @@ def _obtain_model(recipe: Recipe, out: Path, progress: bool, resume: bool) -> tu
         model, _, bundle = train(cfg, recipe.data, recipe.model.train, out / "train", resume=resume, progress=progress)
         return model, bundle
     bundle = recipe.data.load()
-    return build_model(cfg, bundle), bundle
+    # under torchrun rank 0 reads the checkpoint (or fetches the weights) and sends the model
+    return share_model(lambda: build_model(cfg, bundle), model_meta(cfg, bundle)), bundle
 
 
-def _write_summary(state: RunState, records: list[dict[str, Any]]) -> None:
-    doc = {"recipe": state.recipe.name, "environment": environment(), "steps": records, "artifacts": state.artifacts}
-    atomic_write_text(state.out / "summary.json", json.dumps(doc, indent=2, default=str))
+def _write_summary(state: RunState, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ``summary.json`` (rank 0); returns its contents as they read back."""
+    doc = {"recipe": state.recipe.name, "environment": environment() if distributed.is_main() else {},
+           "steps": records, "artifacts": state.artifacts}
+    text = json.dumps(doc, indent=2, default=str)
+    atomic_write_text(state.out / "summary.json", text)
+    return json.loads(text)
+
+
+def _record_recipe(out: Path, resolved: dict[str, Any], resume: bool) -> None:
+    """Refuse a folder holding a run of another recipe (with ``resume``), then write ``recipe.yaml``."""
+    if resume and (out / "recipe.yaml").is_file():
+        check_resume(out / "recipe.yaml", resolved, "recipe settings")
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
 
 def _start(recipe: Recipe, out: Path, progress: bool, resume: bool) -> RunState:
@@ -77,9 +99,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True, resume
     """
     with run_folder_lock(out) as out:
         resolved = yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        if resume and (out / "recipe.yaml").is_file():
-            check_resume(out / "recipe.yaml", resolved, "recipe settings")
-        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        distributed.run_on_main(lambda: _record_recipe(out, resolved, resume))  # checked once, by the writer
         if recipe.target is not None:
             return _run_target(recipe, out, progress, resume)
         state = _start(recipe, out, progress, resume)
@@ -87,12 +107,13 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True, resume
         state.artifacts["final"] = state.models["final"] = str(state.save_current(out / "model.pt"))
         for record in (records[0], records[-1]):  # the test split reports the two models the run is about, once each
             model = state.model if record is records[-1] else _load(state.models["original"], state.model)
-            record["test_accuracy"] = evaluate(model, state.report_data)
-        _write_summary(state, records)
-        from compress.reports.run import write_run_report
+            record["test_accuracy"] = evaluate(model, state.report_data)  # every process: a sharded count
+        summary = _write_summary(state, records)
+        if distributed.is_main():
+            from compress.reports.run import write_run_report
 
-        write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
-        return json.loads((out / "summary.json").read_text())
+            write_run_report(out, records, state.artifacts, recipe.name, state.analysis)
+        return summary
 
 
 def _run_target(recipe: Recipe, out: Path, progress: bool, resume: bool) -> dict[str, Any]:
@@ -108,12 +129,16 @@ def _run_target(recipe: Recipe, out: Path, progress: bool, resume: bool) -> dict
     model, bundle = _obtain_model(recipe, out, progress, resume)
     original = save_model(model.cpu(), out / "steps" / "00-original" / "model.pt",
                           model_meta(recipe.model.config(), bundle))
-    doc = optimize(original, recipe.data, recipe.analysis, recipe.target, out / "optimize", progress=progress,
-                   resume=resume)
-    summary = {"recipe": recipe.name, "environment": environment(), "target": to_dict(recipe.target),
-               "artifacts": {"original": str(original), "optimize": str(out / "optimize")}, "optimize": doc}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    return summary
+
+    def search() -> dict[str, Any]:  # under torchrun: on rank 0 alone, as in a single process
+        doc = optimize(original, recipe.data, recipe.analysis, recipe.target, out / "optimize", progress=progress,
+                       resume=resume)
+        summary = {"recipe": recipe.name, "environment": environment(), "target": to_dict(recipe.target),
+                   "artifacts": {"original": str(original), "optimize": str(out / "optimize")}, "optimize": doc}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+        return summary
+
+    return distributed.run_on_main(search)
 
 
 def _run_steps(recipe: Recipe, state: RunState, out: Path) -> list[dict[str, Any]]:
@@ -125,7 +150,14 @@ def _run_steps(recipe: Recipe, state: RunState, out: Path) -> list[dict[str, Any
     for i, step in enumerate(recipe.steps, start=1):
         label = f"{i:02d}-{step.name}"
         t0 = time.perf_counter()
-        info = step.run(state, out / "steps" / label) or {}
+        folder = out / "steps" / label
+        if step.all_ranks:  # every process (it fine-tunes), then all take rank 0's model (its batch-norm statistics)
+            info = step.run(state, folder) or {}
+            if step.changes_model:
+                state.share()
+            info = distributed.broadcast_object(info)
+        else:
+            info = state.on_main(lambda: step.run(state, folder) or {}, model=step.changes_model)
         for p in state.model.parameters():
             p.requires_grad_(True)
         after = current
@@ -141,9 +173,7 @@ def _run_steps(recipe: Recipe, state: RunState, out: Path) -> list[dict[str, Any
 
 
 def _load(path: str, like: nn.Module) -> nn.Module:
-    from compress.compression.serialize import load_model
-
-    return load_model(path, device=next(like.parameters()).device)[0]
+    return load_shared(path, device=next(like.parameters()).device)
 
 
 def dry_run(recipe: Recipe) -> dict[str, Any]:

@@ -1,23 +1,31 @@
 """What the steps of a run share: the current model, its data and analysis, the masks to keep
-during fine-tuning, and the files the run has produced so far."""
+during fine-tuning, and the files the run has produced so far.
+
+Under ``torchrun`` every process holds a :class:`RunState` of its own, kept equal: a step's work
+that is not fine-tuning runs on rank 0 alone (:meth:`RunState.on_main`) and the others adopt
+rank 0's model (rebuilt from its bytes), masks and analysis afterwards.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
 
+from compress import distributed
 from compress.analysis import AnalysisConfig, AnalysisResult, analyze_model
-from compress.compression.serialize import load_model, save_model
+from compress.compression.serialize import load_shared, model_bytes, model_from_bytes, save_model
 from compress.data import DataBundle
 from compress.errors import UserError, unknown_name
 from compress.models.introspect import count_flops, count_nonzero, count_params
 from compress.training import evaluate
 
 __all__ = ["RunState", "measure"]
+
+T = TypeVar("T")
 
 
 def measure(model: nn.Module, bundle: DataBundle) -> dict[str, float]:
@@ -106,7 +114,7 @@ class RunState:
                 raise UserError("distill: the run has no original model to distil from (models['original'] is unset)")
             device = next(self.model.parameters()).device
             with torch.random.fork_rng(devices=[]):  # building the model draws initial weights
-                teacher = load_model(path, device=device)[0].eval()
+                teacher = load_shared(path, device=device).eval()  # under torchrun: rank 0's file, sent
             for p in teacher.parameters():
                 p.requires_grad_(False)
             self._teacher = teacher
@@ -119,6 +127,60 @@ class RunState:
         from compress.compression.afcc import MaskKeeper
 
         return MaskKeeper(self.masks)
+
+    def on_main(self, fn: Callable[[], T], *, model: bool = True) -> T:
+        """``fn()``, which changes this state (the model, masks, analysis, artifacts), on rank 0
+        alone under ``torchrun`` (as a single process would run it: see
+        :func:`compress.distributed.run_on_main`); then every process adopts rank 0's state: its
+        model rebuilt from its bytes (on rank 0 too, so that all hold the same modules, parameters
+        in the same order), masks, analysis, artifacts and model files. Every process must call
+        it at the same point. In a single process, simply ``fn()``.
+
+        Args:
+            model: ``fn`` may change the model (``False``: it only measures or writes files, and
+                the model is not sent).
+
+        Returns:
+            ``fn()``'s result on rank 0 (picklable), on every process.
+        """
+        if not distributed.is_distributed():
+            return fn()
+        before = list(self.analysis.taps)  # held, so that the ids of the taps fn leaves alone stay theirs
+
+        def work() -> tuple[T, dict[str, Any]]:
+            result = fn()
+            return result, self._snapshot({id(t) for t in before}, model)
+
+        result, snapshot = distributed.run_on_main(work)
+        self._adopt(snapshot)
+        return result
+
+    def share(self) -> None:
+        """Give every process rank 0's model and state (e.g. after fine-tuning on all of them,
+        which leaves each its own batch-norm statistics); a no-op in a single process."""
+        if distributed.is_distributed():
+            self.on_main(lambda: None)
+
+    def _snapshot(self, unchanged: set[int], with_model: bool) -> dict[str, Any]:
+        """What :meth:`on_main` sends: the model's bytes, and the analysis of the taps ``fn`` replaced."""
+        return {"model": model_bytes(self.model, self.meta) if with_model else None,
+                "masks": {k: torch.as_tensor(v).cpu() for k, v in self.masks.items()},
+                "stale": set(self.stale), "plateau": self.analysis.plateau,
+                "taps": [t.name if id(t) in unchanged else t for t in self.analysis.taps],
+                "artifacts": dict(self.artifacts), "models": dict(self.models)}
+
+    def _adopt(self, snapshot: dict[str, Any]) -> None:
+        device = next(self.model.parameters()).device
+        if snapshot["model"] is not None:
+            self.model = model_from_bytes(snapshot["model"], device, "the model from rank 0")[0]
+        if distributed.is_main():
+            return
+        mine = {t.name: t for t in self.analysis.taps}
+        self.analysis.taps = [mine[t] if isinstance(t, str) else t for t in snapshot["taps"]]
+        self.analysis.plateau = snapshot["plateau"]
+        self.masks = {k: v.to(device) for k, v in snapshot["masks"].items()}
+        self.stale = set(snapshot["stale"])
+        self.artifacts, self.models = dict(snapshot["artifacts"]), dict(snapshot["models"])
 
     def save_current(self, path: Path) -> Path:
         """Save the current model with the run's metadata (the transforms it carries included)."""

@@ -52,10 +52,17 @@ class Step:
         name: the step's YAML name (set by :func:`register_step`).
         changes_model: the step changes the model's structure or weights; the runner then
             measures it, saves it to the step's folder, and no later export or bench can miss it.
+        all_ranks: under ``torchrun`` with several processes, every process runs the step
+            together (it fine-tunes: :func:`~compress.training.fit` and the evaluations inside
+            need every process), and its work that is not fine-tuning goes through
+            :meth:`~compress.recipe.state.RunState.on_main`. False (the default, and what a
+            plug-in gets): rank 0 runs it alone, as a single process would, while the others
+            wait and then adopt its model and state; only rank 0 writes files in any case.
     """
 
     name: ClassVar[str] = ""
     changes_model: ClassVar[bool] = True
+    all_ranks: ClassVar[bool] = False
 
     def check(self, ctx: CheckContext) -> None:
         """Load-time checks against a weightless copy of the model (taps, layers, targets).

@@ -75,6 +75,19 @@ def _title(result: AnalysisResult) -> str:
 # ----------------------------------------------------------------------------- document
 
 
+def _probe_note(cfg: dict) -> str:
+    """How the probes were trained, from the recorded analysis settings."""
+    if not cfg:
+        return "Probe settings: not recorded."
+    preset = f" (preset {cfg['probe_preset']})" if cfg.get("probe_preset") else ""
+    n = int(cfg.get("probe_augment") or 0)
+    augment = (f"on the plain training features and {n} augmented cop{'y' if n == 1 else 'ies'} of each image "
+               f"(one version per image per epoch)" if n else "on the plain (unaugmented) training features")
+    return (f"Probes{preset}: {cfg.get('probe_epochs')} epochs, batch {cfg.get('probe_batch_size')}, lr "
+            f"{cfg.get('probe_lr')}, momentum {cfg.get('probe_momentum')}, weight decay {cfg.get('probe_weight_decay')}, "
+            f"lr x{cfg.get('probe_lr_decay')} every {cfg.get('probe_lr_step', 1)} epoch(s); trained {augment}.")
+
+
 def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
     names = list(result.label_names)
     taps = result.taps
@@ -87,6 +100,7 @@ def _build_blocks(result: AnalysisResult, filters_per_tap: int) -> list:
     blocks.append(_Para(intro))
     if result.config.get("split_note"):
         blocks.append(_Para(result.config["split_note"]))
+    blocks.append(_Para(_probe_note(result.config.get("analysis") or {})))
     more = f", ... ({len(names)} in all)" if len(names) > MAX_LISTED_LABELS else ""
     blocks.append(_Para(f"Labels: {', '.join(names[:MAX_LISTED_LABELS])}{more}."))
     tol = result.plateau_tolerance

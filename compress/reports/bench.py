@@ -18,7 +18,7 @@ from compress.reports.document import Heading, Para, Table, save_figure, write_d
 
 __all__ = ["write_bench_report", "primary_backend", "summary_rows", "int8_note"]
 
-PREFERRED = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
+PREFERRED = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda")
 
 
 def write_bench_report(result: BenchResult, folder: str | Path) -> dict[str, Path]:
@@ -42,7 +42,7 @@ def _title(result: BenchResult) -> str:
 
 def _env_line(result: BenchResult, backend: str | None) -> str:
     e = result.environment
-    where = e.get("gpu") if backend and backend.endswith("cuda") else f"{e.get('cpu')}, {e.get('torch_threads')} threads"
+    where = e.get("gpu") if backend and backend.endswith(("cuda", "trt")) else f"{e.get('cpu')}, {e.get('torch_threads')} threads"
     return (f"Measured with {backend or '-'} on {where}; torch {e.get('torch')}, onnxruntime {e.get('onnxruntime')}, "
             f"{result.settings.get('warmup')} warm-up calls, {result.settings.get('repeats')} interleaved repeats.")
 

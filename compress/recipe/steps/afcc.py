@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -62,6 +62,8 @@ class Afcc(Step):
     finetune: Finetune = field(default_factory=lambda: Finetune(epochs=3, lr=0.001))
     sparse: bool = True
 
+    all_ranks: ClassVar[bool] = True  # the masked fine-tuning; locating, masking and compressing run on rank 0
+
     def __post_init__(self) -> None:
         if isinstance(self.train, list):
             if not self.train or not all(isinstance(t, str) and t for t in self.train):
@@ -80,21 +82,8 @@ class Afcc(Step):
             ctx.require_modules("head", [self.head])
 
     def run(self, state: RunState, folder: Path) -> dict[str, Any]:
-        k = state.bundle.num_classes
-        info: dict[str, Any] = {}
-        head_path, tap, cache = self._locate(state, info)
-        head = state.model.get_submodule(head_path)
-        if not isinstance(head, nn.Linear):
-            raise UserError(f"afcc.head {head_path!r} is a {type(head).__name__}, not an nn.Linear; AFCC runs once "
-                            f"per linear head (name the classifier with afcc.head)")
-        # Clusters of the head actually in place (the probe after a trim, or the trained classifier).
-        current = analyze_tap(tap, head.weight.detach().cpu(), cache, k, state.analysis_config.threshold)
-        mask = afcc_mask(current.cluster_ids, current.spatial)
-        apply_mask(head, mask)
-        state.masks[head_path] = mask
-        info["head"] = head_path
-        info.update(afcc_report(mask, current))
-        info["accuracy_masked"] = evaluate(state.model, state.bundle)
+        info, spatial = state.on_main(lambda: self._mask(state))
+        head_path = info["head"]
         if self.train != "none":
             if self.train == "head":
                 select_trainable(state.model, [head_path])
@@ -104,11 +93,28 @@ class Afcc(Step):
                 info["trained"] = _select_listed(state.model, head_path, self.train)
             info["finetune"] = finetune(state, self.finetune, folder)
         if self.sparse:
-            dense = copy.deepcopy(state.model.get_submodule(head_path)).cpu()
-            compress_head(state.model, head_path, mask, current.spatial)
-            del state.masks[head_path]
-            info["head_latency"] = _head_latency(dense, state.model.get_submodule(head_path))
+            info["head_latency"] = state.on_main(lambda: _compress(state, head_path, spatial))
         return info
+
+    def _mask(self, state: RunState) -> tuple[dict[str, Any], tuple[int, int]]:
+        """Find the head, cluster its filters and zero every connection outside their clusters;
+        returns the report so far and the spatial size of the tap feeding the head."""
+        info: dict[str, Any] = {}
+        head_path, tap, cache = self._locate(state, info)
+        head = state.model.get_submodule(head_path)
+        if not isinstance(head, nn.Linear):
+            raise UserError(f"afcc.head {head_path!r} is a {type(head).__name__}, not an nn.Linear; AFCC runs once "
+                            f"per linear head (name the classifier with afcc.head)")
+        # Clusters of the head actually in place (the probe after a trim, or the trained classifier).
+        current = analyze_tap(tap, head.weight.detach().cpu(), cache, state.bundle.num_classes,
+                              state.analysis_config.threshold)
+        mask = afcc_mask(current.cluster_ids, current.spatial)
+        apply_mask(head, mask)
+        state.masks[head_path] = mask
+        info["head"] = head_path
+        info.update(afcc_report(mask, current))
+        info["accuracy_masked"] = evaluate(state.model, state.bundle)
+        return info, tuple(current.spatial)
 
     def _locate(self, state: RunState, info: dict[str, Any]) -> tuple[str, str, FeatureCache]:
         """The head's module path, and the features its weight groups into filters: ``(head path,
@@ -134,6 +140,14 @@ class Afcc(Step):
             raise UserError(f"afcc.head {self.head!r}: the trim at afcc.tap {tap!r} left the head {path!r}")
         key = cut_features(model) if is_cut(model) else tap
         return path, key, extract_features(model, state.bundle, state.bundle.test, [key], progress=False)
+
+
+def _compress(state: RunState, head_path: str, spatial: tuple[int, int]) -> dict[str, Any]:
+    """Store the masked head as its kept connections (the mask is dropped: nothing to keep any
+    more); returns the dense and sparse heads' latencies."""
+    dense = copy.deepcopy(state.model.get_submodule(head_path)).cpu()
+    compress_head(state.model, head_path, state.masks.pop(head_path), spatial)
+    return _head_latency(dense, state.model.get_submodule(head_path))
 
 
 def _select_listed(model: nn.Module, head_path: str, names: list[str]) -> list[str]:

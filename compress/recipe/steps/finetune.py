@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from compress.recipe.state import RunState
 from compress.recipe.step import Step, register_step
@@ -41,6 +41,8 @@ class Finetune(TrainConfig, Step):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Literal["step", "cosine", "onecycle"] = "cosine"
+
+    all_ranks: ClassVar[bool] = True  # DistributedDataParallel under torchrun
 
     def run(self, state: RunState, folder: Path) -> dict[str, Any]:
         return finetune(state, self, folder)

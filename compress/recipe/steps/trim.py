@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -72,12 +72,14 @@ class Trim(Step):
     head: Literal["probe", "pool"] = "probe"
     finetune: Finetune | None = None
 
+    all_ranks: ClassVar[bool] = True  # the fine-tuning; the cut itself is made on rank 0
+
     def check(self, ctx: CheckContext) -> None:
         if self.tap not in ("plateau", "last"):
             ctx.require_modules("tap", [self.tap])
 
     def run(self, state: RunState, folder: Path) -> dict[str, Any]:
-        info = trim(state, self.tap, self.head)
+        info = state.on_main(lambda: trim(state, self.tap, self.head))
         if self.finetune is not None:
             info["finetune"] = finetune(state, self.finetune, folder)
         return info
