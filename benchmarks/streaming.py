@@ -149,7 +149,8 @@ def _analyze(folder: Path, stream: str, out: Path, checkpoint: Path, args: argpa
     argv = ["analyze", "--model", "timm:resnet18", "--checkpoint", str(checkpoint), "--data", f"imagefolder:{folder}",
             "--image-size", "224",
             "--stream", stream, "--max-memory-gb", str(args.max_memory_gb), "--workers", str(args.workers),
-            "--probe-epochs", str(args.probe_epochs), "--feature-dtype", "float16", "--out", str(out), "--quiet"]
+            "--probe-epochs", str(args.probe_epochs), "--feature-dtype", "float16",
+            "--extract-batch-size", str(args.batch_size), "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True, env=env)
@@ -175,6 +176,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="passes of each loader (best kept)")
     p.add_argument("--probe-epochs", type=int, default=1)
     p.add_argument("--max-memory-gb", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass of the analysis (its "
+                   "activations, not the data, set the peak: both folders must hold more than one batch)")
     p.add_argument("--parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"])
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
@@ -233,7 +236,7 @@ def _part_memory(folders: dict[int, Path], work: Path, args: argparse.Namespace,
     small, large = args.per_class
     say()
     say(f"## 2. peak resident memory of compress analyze --model timm:resnet18 --image-size 224 "
-        f"(probe epochs {args.probe_epochs}, float16 features)")
+        f"(probe epochs {args.probe_epochs}, float16 features, --extract-batch-size {args.batch_size})")
     say("| folder | data path | training images | decoded size | VmHWM (analysing process) | "
         "largest worker | wall s |")
     say("| --- | --- | --- | --- | --- | --- | --- |")
