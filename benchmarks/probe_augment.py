@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     out(f"cpu: {cpu_line()} | torch threads: {torch.get_num_threads()} | device: {device} | "
         f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     out(f"python {platform.python_version()} | torch {torch.__version__} | compress {compress.__version__}")
-    out(f"model: {args.model} ({meta.get('model')} {meta.get('options', {})}, K={k})")
+    shown = os.path.relpath(args.model, ROOT) if Path(args.model).resolve().is_relative_to(ROOT) else args.model
+    out(f"model: {shown} ({meta.get('model')} {meta.get('options', {})}, K={k})")
     out(f"data: {bundle.name}: {n} training images (of {full_train} after the validation hold-out; subset seed "
         f"{args.seed}), {len(choices.test)} validation images (val_fraction {args.val_fraction}); loaded in "
         f"{load_s:.1f} s, not timed below")

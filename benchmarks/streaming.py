@@ -176,7 +176,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="passes of each loader (best kept)")
     p.add_argument("--probe-epochs", type=int, default=1)
     p.add_argument("--max-memory-gb", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass of the analysis (its "
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass of the analysis (its "
                    "activations, not the data, set the peak: both folders must hold more than one batch)")
     p.add_argument("--parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"])
     p.add_argument("--save", type=Path, default=None)

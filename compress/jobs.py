@@ -208,7 +208,7 @@ def analyze(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: AnalysisConfig, o
         tap_names = resolve_taps(model, cfg.taps, bundle.input_size)
         choices = bundle.for_choices(cfg.split)
         _write_config(out, settings(model=model_cfg, data=data_cfg, analysis=cfg, taps=tap_names))
-        model_acc = evaluate(model, choices)
+        model_acc = evaluate(model, choices, batch_size=cfg.batch_size)  # the analysis's forward batch, its memory
         result = analyze_model(model, choices, tap_names, cfg, model_name=model_cfg.name, progress=progress,
                                model_accuracy=model_acc)
         result.model_accuracy = model_acc

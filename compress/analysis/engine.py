@@ -267,7 +267,7 @@ def analyze_model(model: nn.Module, bundle: DataBundle, taps: Sequence[str], cfg
     if cfg.plateau_reference == "model" and model_accuracy is None and len(results) > 1:  # one tap: it is the plateau
         from compress.training import evaluate
 
-        model_accuracy = evaluate(model, bundle)
+        model_accuracy = evaluate(model, bundle, batch_size=cfg.batch_size)
     reference = model_accuracy if cfg.plateau_reference == "model" else None
     plateau = find_plateau([r.accuracy for r in results], cfg.plateau_tolerance, reference)
     return AnalysisResult(model=model_name, dataset=bundle.name, label_names=list(bundle.label_names), taps=results,
