@@ -14,7 +14,16 @@ process. Variants:
 - ``coverage@flops``: the coverage criterion alone on the untrimmed model, same FLOPs (a control
   with the baselines' architecture);
 - ``<criterion>@flops`` / ``<criterion>@params``: Torch-Pruning's L1, Taylor, BN-scale and random
-  criteria pruned to mechanism-multi's FLOPs / parameter count.
+  criteria pruned to mechanism-multi's FLOPs / parameter count;
+- ``<criterion>@latency``: the same criteria pruned to the batch-1 onnxruntime latency of
+  ``--latency-reference`` (a mechanism variant built first), bisecting on the latency measured on
+  this machine (``cifar10_headtohead_latency.py``).
+
+Every choice (the plateau, clusters, masks, pruning targets, the latency bisection) is made on a
+validation split held out of the training images (``--val-fraction``, default 0.1; 0 restores the
+old setting, choices on the test split); the test split only reports, once per model, in the bench.
+Fine-tuning distils from the base (``--distill T ALPHA``, default 4 0.9; ``--no-distill``); ``--int8``
+adds an onnxruntime static INT8 file of every model to the bench.
 
 Each variant is saved under ``--out/models/<name>/`` and skipped when its ``model.pt`` exists, so
 the run can be split (``--variants``) and resumed. Results: ``--results/<tag>.md``, ``.png``,
@@ -57,14 +66,16 @@ from compress.recipe.steps.trim import Trim
 from compress.reports.bench import write_bench_report
 from compress.system import environment
 
-from cifar10_headtohead_report import write_results  # noqa: E402  (next to this script)
+from cifar10_headtohead_latency import LatencyBudget  # noqa: E402  (next to this script)
+from cifar10_headtohead_report import write_results  # noqa: E402
+from compress.distill import DistillConfig
 
 
 CRITERIA = ["l1", "taylor", "bn-scale", "random"]
 MECHANISM = ["trim", "dilute", "afcc", "trim+dilute+afcc", "trim-conv", "trim-conv+dilute+afcc", "mechanism-multi",
              "mechanism-multi-r8", "coverage@flops"]
 FINE = ("trim-conv",)  # variants planned on the per-conv analysis (plateau among every conv from the stage before)
-VARIANTS = MECHANISM + [f"{c}@{m}" for m in ("flops", "params") for c in CRITERIA]
+VARIANTS = MECHANISM + [f"{c}@{m}" for m in ("flops", "params", "latency") for c in CRITERIA]
 
 
 class Log:
@@ -83,6 +94,12 @@ class Log:
 
 def fmt(m: dict[str, float]) -> str:
     return f"params {m['params']:,}  FLOPs {m['flops']:,}  accuracy {m['accuracy']:.4f}"
+
+
+def choices(args, bundle):
+    """The data every choice is made on: its ``test`` is the validation split (``--val-fraction 0``: the test
+    split, the old setting)."""
+    return bundle.for_choices("val" if args.val_fraction else "test")
 
 
 def subset(bundle, n: int | None, seed: int = 0):
@@ -116,16 +133,16 @@ def run_analysis(args, base: Path, model: nn.Module, meta: dict, bundle, log: Lo
         main = load_analysis(folder)
     else:
         model_cfg = ModelConfig(meta["model"], dict(meta.get("options", {})), str(base))
-        main = analyze(model_cfg, DataConfig(f"imagefolder:{args.data_dir}"), cfg, folder, model=model, bundle=bundle,
-                       progress=False)
+        main = analyze(model_cfg, DataConfig(f"imagefolder:{args.data_dir}", val_fraction=args.val_fraction), cfg,
+                       folder, model=model, bundle=bundle, progress=False)
     have = {find_tap_conv(model, t.name) for t in main.taps}
     taps = [n.replace("conv", "relu") for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in have]
     folder = args.out / "analysis-convs"
     if (folder / "analysis.json").is_file():
         extra = load_analysis(folder)
     else:
-        extra = analyze_model(model, subset(bundle, args.conv_stats_train), taps, cfg, model_name=meta["model"],
-                              progress=False)
+        extra = analyze_model(model, subset(choices(args, bundle), args.conv_stats_train), taps, cfg,
+                              model_name=meta["model"], progress=False)
         extra.save(folder)
     log(f"analysis: plateau {main.plateau}; probe accuracy per tap "
         + ", ".join(f"{t.name} {t.accuracy:.4f}" for t in main.taps) + f"  ({time.perf_counter() - t0:.0f} s)")
@@ -152,7 +169,7 @@ def fine_analysis(args, model: nn.Module, meta: dict, main, bundle, log: Log):
         deep = load_analysis(folder)
     else:
         cfg = AnalysisConfig(probe_epochs=args.probe_epochs, feature_dtype="float16")
-        deep = analyze_model(model, bundle, taps, cfg, model_name=meta["model"], progress=False)
+        deep = analyze_model(model, choices(args, bundle), taps, cfg, model_name=meta["model"], progress=False)
         deep.save(folder)
     merged = sorted([*main.taps, *deep.taps], key=lambda t: order.index(t.name))
     plateau = merged[find_plateau([t.accuracy for t in merged], main.plateau_tolerance)].name
@@ -165,12 +182,16 @@ def fine_analysis(args, model: nn.Module, meta: dict, main, bundle, log: Log):
 
 
 def fresh_state(args, base: Path, bundle, analysis: AnalysisResult, folder: Path) -> RunState:
+    """A run state on a fresh copy of the base; ``bundle`` is the data choices are made on (validation as its
+    ``test``); the base is the teacher of distillation."""
     model, meta = load_model(base)
     model.train()
     recipe = Recipe("cifar10-headtohead", RecipeModel(meta["model"], dict(meta["options"]), str(base)),
-                    DataConfig(f"imagefolder:{args.data_dir}"),
+                    DataConfig(f"imagefolder:{args.data_dir}", val_fraction=args.val_fraction),
                     AnalysisConfig(probe_epochs=args.probe_epochs, feature_dtype="float16"), ())
-    return RunState(recipe, model, bundle, meta, copy.deepcopy(analysis), folder, progress=False)
+    state = RunState(recipe, model, bundle, meta, copy.deepcopy(analysis), folder, progress=False)
+    state.models["original"] = str(base)
+    return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +218,9 @@ class Budget:
 def plan(name: str, args, targets: dict | None) -> list[Step | Budget]:
     """The steps of a variant: recipe steps, and :class:`Budget` for pruning to mechanism-multi's budgets. The
     coverage criterion reads the clusters of every tap of the state's analysis (:func:`analysis_for`)."""
+    distill = DistillConfig(temperature=args.distill[0], alpha=args.distill[1]) if args.distill else None
     budget = Finetune(epochs=args.finetune_epochs, lr=args.finetune_lr, momentum=0.9, weight_decay=5e-4,
-                      schedule="cosine", seed=getattr(args, "seed", 0))
+                      schedule="cosine", seed=getattr(args, "seed", 0), distill=distill)
     trim = Trim("plateau")
     dilute = Dilute(tap="plateau", target=args.dilute_target, min_coverage=args.min_coverage)
     plans = {
@@ -215,6 +237,12 @@ def plan(name: str, args, targets: dict | None) -> list[Step | Budget]:
         target = args.flops_target * targets["base_flops"]
         return [trim, Budget("coverage", target, "flops", 8 if name.endswith("r8") else args.round_to), budget]
     criterion, metric = name.split("@")
+    if metric == "latency":
+        reference = variant_folder(args, args.latency_reference) / "model.pt"
+        if not reference.is_file():
+            raise SystemExit(f"error: {name} is pruned to the latency of {args.latency_reference}, which is not built "
+                             f"yet ({reference}); build it first (--variants {args.latency_reference} ...)")
+        return [LatencyBudget(criterion, reference), budget]
     return [Budget(criterion, targets[metric], metric, args.round_to), budget]
 
 
@@ -234,7 +262,7 @@ def apply_steps(state: RunState, steps: list[Step | Budget], args, log: Log) -> 
     for i, step in enumerate(steps, start=1):
         t0 = time.perf_counter()
         folder = state.out / "steps" / f"{i:02d}-{step.name}"
-        if isinstance(step, Budget):
+        if isinstance(step, (Budget, LatencyBudget)):
             info = step.run(state, folder, args)
         else:
             info = step.run(state, folder) or {}
@@ -275,7 +303,7 @@ def variant_folder(args, name: str, seed: int = 0) -> Path:
 
 
 def build_variant(name: str, args, base: Path, bundle, analyses: dict[str, AnalysisResult], stats, targets, log: Log,
-                  seed: int = 0) -> None:
+                  seed: int = 0, report=None) -> None:
     """Build ``name`` (its steps, then ``info.json`` + ``model.pt``); ``seed`` != 0: the same steps with
     another fine-tuning seed, in a ``seed<N>`` sub-folder (the seed spread of the candidates)."""
     folder = variant_folder(args, name, seed)
@@ -291,7 +319,7 @@ def build_variant(name: str, args, base: Path, bundle, analyses: dict[str, Analy
         torch.manual_seed(seed)
         state = fresh_state(args, base, bundle, analysis_for(name, analyses), folder)
         records = apply_steps(state, plan(name, args, targets), args, log)
-        save_info(name, args, state, records, stats, bundle, folder)
+        save_info(name, args, state, records, stats, report or bundle, folder)
     finally:
         (folder / "building.lock").unlink(missing_ok=True)
 
@@ -314,7 +342,9 @@ def claim(lock: Path) -> bool:
 
 
 def save_info(name: str, args, state: RunState, records: list, stats: dict, bundle, folder: Path) -> None:
+    """``info.json`` (steps with validation accuracies, per-label test accuracy) and ``model.pt``."""
     doc = {"name": name, "steps": records, "per_label_accuracy": per_label_accuracy(state.model, bundle),
+           "test_accuracy": measure(state.model, bundle)["accuracy"],
            "transforms": [t.get("kind") for t in getattr(state.model, "compress_transforms", [])]}
     if name.startswith("mechanism-multi"):  # which labels each pruned conv still covers (cluster statistics)
         doc["coverage"] = {}
@@ -363,6 +393,12 @@ def layer_sensitivity(base: Path, bundle, stats: dict, widths: dict[str, int], *
     return rows
 
 
+def test_accuracy(info: dict) -> float:
+    """A variant's final test accuracy (results before the validation split recorded the test accuracy as the
+    last step's)."""
+    return info.get("test_accuracy", info["steps"][-1]["after"]["accuracy"])
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -399,6 +435,19 @@ def main() -> None:
                    help="variants also built with the extra --seeds (the seed-to-seed spread of the candidates for "
                         "both targets: the fastest within 1 point, and the equal-FLOPs comparison's two best criteria)")
     p.add_argument("--seeds", type=int, nargs="*", default=[1, 2], help="extra fine-tuning seeds (0 is the main one)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="training images held out (stratified, seeded) as the validation split every choice is made "
+                        "on; 0: choices on the test split (the setting of the results before the validation split)")
+    p.add_argument("--distill", type=float, nargs=2, default=[4.0, 0.9], metavar=("T", "ALPHA"),
+                   help="distil from the base in every fine-tuning (temperature, alpha)")
+    p.add_argument("--no-distill", dest="distill", action="store_const", const=None, help="plain fine-tuning")
+    p.add_argument("--int8", action="store_true", help="bench an onnxruntime static INT8 file of every model too")
+    p.add_argument("--latency-reference", default="trim-conv", choices=MECHANISM,
+                   help="the mechanism variant whose batch-1 latency the @latency baselines are pruned to")
+    p.add_argument("--latency-tol", type=float, default=0.03, help="relative latency distance that ends the bisection")
+    p.add_argument("--latency-steps", type=int, default=8, help="bisection trials at most")
+    p.add_argument("--latency-lo", type=float, default=0.05, help="smallest FLOPs fraction the bisection tries")
+    p.add_argument("--latency-repeats", type=int, default=300, help="interleaved rounds per latency trial")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.round_to = args.round_to or None
@@ -410,11 +459,14 @@ def main() -> None:
         f.write(command + "\n")
     base = Path(args.base)
     t0 = time.perf_counter()
-    bundle = load_data(f"imagefolder:{args.data_dir}", limit_train=args.analysis_train, limit_test=args.limit_test)
-    tune_bundle = subset(bundle, args.limit_train)
+    bundle = load_data(f"imagefolder:{args.data_dir}", limit_train=args.analysis_train, limit_test=args.limit_test,
+                       val_fraction=args.val_fraction)
+    tune_bundle = subset(choices(args, bundle), args.limit_train)  # its test: the validation split
     args.n_tune, args.n_analysis = len(tune_bundle.train), len(bundle.train)
+    args.n_val = len(bundle.val) if bundle.val is not None else 0
     log(f"data: {len(bundle.train)} training images for the analysis, {len(tune_bundle.train)} for fine-tuning, "
-        f"{len(bundle.test)} test images ({time.perf_counter() - t0:.0f} s to load)")
+        f"{args.n_val} validation images (every choice), {len(bundle.test)} test images (reporting only) "
+        f"({time.perf_counter() - t0:.0f} s to load)")
     model, meta = load_model(base)
     analysis, extra, stats = run_analysis(args, base, model, meta, bundle, log)
     fine = fine_analysis(args, model, meta, analysis, bundle, log)
@@ -428,12 +480,12 @@ def main() -> None:
             f"params {targets['params']:,} ({targets['params'] / targets['base_params']:.3f})")
     for name in [] if args.report_only else args.variants:
         t1 = time.perf_counter()
-        build_variant(name, args, base, tune_bundle, analyses, stats, targets, log)
+        build_variant(name, args, base, tune_bundle, analyses, stats, targets, log, report=bundle)
         log(f"  ({time.perf_counter() - t1:.0f} s)")
     for name in [v for v in args.seed_variants if v in args.variants and not args.report_only]:
         for seed in args.seeds:
             t1 = time.perf_counter()
-            build_variant(name, args, base, tune_bundle, analyses, stats, targets, log, seed=seed)
+            build_variant(name, args, base, tune_bundle, analyses, stats, targets, log, seed=seed, report=bundle)
             log(f"  ({time.perf_counter() - t1:.0f} s)")
     done = [v for v in VARIANTS if (variant_folder(args, v) / "model.pt").is_file()]
     if args.no_bench or len(done) < len(args.variants):
@@ -446,7 +498,7 @@ def main() -> None:
     else:
         result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
                            names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
-                           repeats=args.bench_repeats)
+                           repeats=args.bench_repeats, int8=args.int8)
         write_bench_report(result, args.out / "bench")
         history.mkdir(exist_ok=True)
         shutil.copy(args.out / "bench" / "bench.json",
@@ -454,13 +506,12 @@ def main() -> None:
     runs = [BenchResult(**json.loads(f.read_text())) for f in sorted(history.glob("*.json"))]
     infos = {v: json.loads((f / "info.json").read_text()) for v, f in zip(done, folders)}
     for v, info in infos.items():  # final accuracy (PyTorch, full test set) per fine-tuning seed
-        info["seed_accuracy"] = {s: json.loads((variant_folder(args, v, s) / "info.json").read_text())["steps"][-1]
-                                 ["after"]["accuracy"] for s in [0, *args.seeds]
-                                 if (variant_folder(args, v, s) / "info.json").is_file()}
+        info["seed_accuracy"] = {s: test_accuracy(json.loads((variant_folder(args, v, s) / "info.json").read_text()))
+                                 for s in [0, *args.seeds] if (variant_folder(args, v, s) / "info.json").is_file()}
     targets = mechanism_targets(args, base, tune_bundle, analyses, log)
     base_labels = per_label_accuracy(model, bundle)
     prune_step = next(r for r in infos["mechanism-multi"]["steps"] if r["step"] == "prune")
-    sensitivity = layer_sensitivity(base, bundle, stats, prune_step["info"].get("widths", {}),
+    sensitivity = layer_sensitivity(base, choices(args, bundle), stats, prune_step["info"].get("widths", {}),
                                     min_coverage=args.min_coverage)
     report_dir = args.results / f"{args.tag}_analysis"
     shutil.rmtree(report_dir, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cifar10_headtohead_latency import latency_note
+
 import numpy as np
 import torch
 
@@ -123,10 +125,14 @@ def plot(nums: list[dict], mechanism: list[str], path: Path) -> None:
         for row, ax in enumerate(axes[:, col]):
             shown = nums if row == 0 else [n for n in nums if 100 * n["acc"] >= top - 5]  # row 2: the top 5 points
             for n in shown:
-                fam = ("base", "k") if n["name"] == "base" else ("mechanism", "tab:blue") if n["name"] in mechanism \
-                    else ("Torch-Pruning @ FLOPs", "tab:orange") if n["name"].endswith("@flops") else \
+                name = n["name"].removesuffix(" int8")
+                fam = ("base", "k") if name == "base" else ("mechanism", "tab:blue") if name in mechanism \
+                    else ("Torch-Pruning @ FLOPs", "tab:orange") if name.endswith("@flops") else \
+                    ("Torch-Pruning @ latency", "tab:red") if name.endswith("@latency") else \
                     ("Torch-Pruning @ params", "tab:green")
-                ax.scatter(n[key], 100 * n["acc"], color=fam[1], label=fam[0], s=40)
+                int8 = n["name"].endswith(" int8")
+                ax.scatter(n[key], 100 * n["acc"], s=40, label=fam[0] + (" (INT8)" if int8 else ""),
+                           **({"facecolors": "none", "edgecolors": fam[1]} if int8 else {"color": fam[1]}))
             ax.set(xlabel=f"onnxruntime CPU latency, {title} (ms, median)", ylabel="test accuracy (%)",
                    title=title if row == 0 else f"{title}: models within 5 points of the best")
             ax.grid(alpha=0.3)
@@ -159,6 +165,46 @@ def seed_note(infos: dict, name: str, base_acc: float) -> str:
     return (f" Over fine-tuning seeds {', '.join(map(str, accs))}: accuracy "
             + " / ".join(f"{a:.4f}" for a in accs.values()) + f" ({min(deltas):+.2f} to {max(deltas):+.2f} points; "
             + ("every seed within 1 point" if min(deltas) >= -1.0 else "NOT every seed within 1 point") + ").")
+
+
+def equal_latency(args, result, by: dict, criteria: list[str], mechanism: list[str]) -> list[str]:
+    """The comparison at equal batch-1 latency (FP32, then INT8) and the INT8 speed of the mechanism models."""
+    ref = getattr(args, "latency_reference", None)
+    names = [f"{c}@latency" for c in criteria if f"{c}@latency" in by]
+    out = []
+    if ref in by and names:
+        gaps = {}
+        for suffix, label in (("", "FP32"), (" int8", "INT8")):
+            r, tps = by.get(ref + suffix), [by[n + suffix] for n in names if n + suffix in by]
+            if r is None or not tps:
+                continue
+            best = max(tps, key=lambda n: n["acc"])
+            gaps[label] = 100 * (r["acc"] - best["acc"])
+            out.append(f"{label}: {r['name']} {r['acc']:.4f} at {r['b1']:.3f} ms (batch 1); the best Torch-Pruning "
+                       f"criterion at its latency, {best['name']}, {best['acc']:.4f} at {best['b1']:.3f} ms "
+                       f"({gaps[label]:+.2f} points for the mechanism); the others: "
+                       + ", ".join(f"{n['name']} {n['acc']:.4f} at {n['b1']:.3f} ms" for n in tps if n is not best)
+                       + ".")
+        if "INT8" in gaps:
+            ok = gaps["INT8"] >= 3.0
+            miss = "" if ok else f"; missed by {3.0 - gaps['INT8']:.2f}"
+            out.insert(0, f"**{'PASS' if ok else 'FAIL'}: at equal batch-1 latency, INT8, the mechanism model is at "
+                          f"least 3 points more accurate than the best Torch-Pruning criterion** ({gaps['INT8']:+.2f} "
+                          f"points{miss}"
+                          f"). The baselines were pruned (bisection on the FLOPs fraction, FP32 latency timed "
+                          f"interleaved with {ref}'s) to {ref}'s batch-1 latency, then fine-tuned with the same budget.")
+    int8 = [by[v + " int8"] for v in mechanism if v + " int8" in by]
+    within = [n for n in int8 if n["delta"] >= -1.0]
+    if int8:
+        best = max(within, key=lambda n: n["up1"]) if within else max(int8, key=lambda n: n["acc"])
+        ok = bool(within) and best["up1"] >= 4.0 and best["up64"] >= 3.0
+        fast = result.settings.get("int8", {})
+        which = "Fastest within 1 point" if within else "None within 1 point; the most accurate"
+        out.append(f"**{'PASS' if ok else 'FAIL'}: an INT8 mechanism model at least 4x faster at batch 1 and 3x at "
+                   f"batch 64 within 1 point.** {which}: {best['name']}, {best['up1']:.2f}x at batch 1, {best['up64']:.2f}x at batch 64, "
+                   f"{best['acc']:.4f} ({best['delta']:+.2f} points)."
+                   + ("" if fast.get("fast_path", True) else f" {fast.get('note', '')}"))
+    return out
 
 
 def write_results(args, result, runs, analysis, extra, fine, infos, targets, base_labels, sensitivity, commands,
@@ -196,6 +242,8 @@ def write_results(args, result, runs, analysis, extra, fine, infos, targets, bas
                          "spread rather than one clearly ahead." if overlap else
                          "; the seed ranges do not overlap.") )
     env = result.environment
+    split = "validation" if getattr(args, "val_fraction", 0) else "test"
+    distill = getattr(args, "distill", None)
 
     def ratio(name: str) -> str:
         return next((f"{r['info']['ratio']:.3f}" for r in infos[name]["steps"] if "ratio" in r["info"]), "-")
@@ -205,8 +253,13 @@ def write_results(args, result, runs, analysis, extra, fine, infos, targets, bas
              f"{result.settings['test_samples']:,} test images. Fine-tuning budget, the same for every model: "
              f"{args.finetune_epochs} epochs, SGD Nesterov lr {args.finetune_lr} cosine, momentum 0.9, wd 5e-4, "
              f"batch 100, seed 0, on {args.n_tune:,} training images "
-             f"({'a fixed random subset, the same for every model' if args.n_tune < 50000 else 'the full set'}). "
-             f"Probes: {args.probe_epochs} epochs on {args.n_analysis:,} training images "
+             f"({'a fixed random subset, the same for every model' if args.n_tune < 45000 else 'all of them'})"
+             + (f", distilled from the base (temperature {distill[0]:g}, alpha {distill[1]:g})" if distill else "")
+             + ". " + (f"Every choice (plateau, clusters, masks, pruning and latency targets) is made on a validation "
+                       f"split of {args.n_val:,} training images held out of everything that trains (the base "
+                       "included); the test split only reports, once per model (the accuracy column). "
+                       if split == "validation" else "Choices were made on the test split (no validation split). ")
+             + f"Probes: {args.probe_epochs} epochs on {args.n_analysis:,} training images "
              f"(per-conv ReLU taps: {args.conv_stats_train:,}). mechanism-multi: trim at {analysis.plateau}, "
              f"then every conv pruned by cluster coverage to {args.flops_target:g} of the base FLOPs; baselines "
              f"pruned per layer (Torch-Pruning BasePruner, same ratio in every layer, widths "
@@ -241,7 +294,9 @@ def write_results(args, result, runs, analysis, extra, fine, infos, targets, bas
                 if cov else "") + ". mechanism-multi differs from them by its trimming as well (everything after "
              f"{analysis.plateau} is gone, hidden FC layers included, so its convs keep more filters: per-layer ratio {ratio('mechanism-multi')} "
              f"against {ratio(best_tp['name'])})." + (seed_line or " One seed per model: differences of a few "
-             "tenths of a point are within the usual seed-to-seed spread of such fine-tunings."), "",
+             "tenths of a point are within the usual seed-to-seed spread of such fine-tunings.")]
+    lines += [f"- {s}" for s in equal_latency(args, result, by, criteria, mechanism)]
+    lines += ["",
              "## The papers' trends in this model", ""]
     lines += [f"- {s}" for s in trends(analysis, extra)]
     lines += ["- **The plateau at conv granularity** (what trim-conv cuts at): probe accuracy (%) "
@@ -262,7 +317,7 @@ def write_results(args, result, runs, analysis, extra, fine, infos, targets, bas
                          ", ".join(analysis.label_names[k] for k, x in enumerate(v["per_label"]) if x == 0) or "-"]
                         for c, v in covs.items()])]
     lines += ["", "Each conv alone pruned in the base to mechanism-multi's width, the kept filters chosen by cluster "
-              "coverage or by group L1, no fine-tuning (accuracy % on the first 2,000 test images):", "",
+              f"coverage or by group L1, no fine-tuning (accuracy % on the first 2,000 {split} images):", "",
               md_table(["conv", "kept", "noise n", "coverage", "L1", "coverage - L1"], sensitivity)]
     worse = [r for r in sensitivity[1:] if float(r[5]) < 0]
     lost = {c for c, v in covs.items() if min(v["per_label"]) == 0}
@@ -274,8 +329,10 @@ def write_results(args, result, runs, analysis, extra, fine, infos, targets, bas
                  f"Labels lost every cluster in {', '.join(sorted(lost))}")
               + "; its largest per-label losses: " + ", ".join(f"{n} {100 * (a - b):+.1f}" for a, b, n in drops)
               + " points."]
-    lines += ["", "## Variants (accuracy after each step; pruning ratio per layer and distance to the target)", ""] + [
-        f"- {v}: " + "; ".join(f"{r['step']}{prune_note(r['info'])} -> {r['after']['accuracy']:.4f} "
+    lines += ["", f"## Variants ({split} accuracy after each step; pruning ratio per layer and distance to the target)",
+              ""] + [
+        f"- {v}: " + "; ".join(f"{r['step']}{prune_note(r['info'])}{latency_note(r['info'])} -> "
+                               f"{r['after']['accuracy']:.4f} "
                                f"({r['seconds']:.0f} s)" for r in infos[v]["steps"])
         + ("; other fine-tuning seeds: " + ", ".join(f"seed {s} {a:.4f}" for s, a in infos[v]["seed_accuracy"].items()
                                                       if s) if len(infos[v].get("seed_accuracy", {})) > 1 else "")
