@@ -106,7 +106,7 @@ def test_an_impossible_budget_names_the_best_candidate(trained, tmp_path, capsys
 
 def test_a_short_fine_tune_estimates_pruned_candidates(trained, tmp_path, capsys):
     """Under a FLOPs budget only the pruned candidates are fast enough; below the accuracy budget
-    before fine-tuning, the fastest gets a short fine-tune (distilled), and no more than
+    before fine-tuning, one of them gets a short fine-tune (distilled), and no more than
     --max-estimates do."""
     out = tmp_path / "run"
     argv = ["optimize", str(trained), "--flops-ratio", "0.6", "--max-drop", "0", "--taps", "features.pool5",
@@ -224,3 +224,31 @@ def test_a_bad_recipe_target_is_refused_naming_it(target, match):
         parse_recipe({**base, "target": target})
     with pytest.raises(UserError, match="either lists its steps or states a target"):
         parse_recipe({**base, "target": {"speedup": 2}, "steps": [{"finetune": {"epochs": 1}}]})
+
+
+def test_estimates_go_from_the_slowest_fast_enough_candidate_towards_the_fastest(monkeypatch):
+    """The short fine-tunes go first to the least compressed fast-enough candidate; once one meets
+    the budget only faster ones are estimated, and the fastest within the budget is chosen."""
+    from types import SimpleNamespace
+
+    from compress.optimize import candidates as C
+    from compress.optimize import search
+    from compress.optimize.config import OptimizeConfig
+
+    after = {"p10": 0.70, "p20": 0.95, "p30": 0.96, "p40": 0.97}  # validation accuracy after a short fine-tune
+    variants = [C.Variant(C.Structure(n, "prune"), "fp32", latency_ms=ms, speedup=10 / ms, accuracy=0.1)
+                for n, ms in (("p10", 1.0), ("p20", 2.0), ("p30", 3.0), ("p40", 4.0), ("slow", 6.0))]
+    order = []
+
+    def fake_estimate(structure, vs, ctx):
+        order.append(structure.id)
+        for v in vs:
+            v.accuracy, v.estimated = after[structure.id], True
+
+    monkeypatch.setattr(C, "estimate", fake_estimate)
+    cfg = OptimizeConfig(speedup=2, max_drop=1, max_estimates=3)
+    chosen = search._choose(variants, SimpleNamespace(cfg=cfg, base_accuracy=0.96, progress=False))
+    assert order == ["p40", "p30", "p20"]  # slowest first; "slow" (1.67x) is not fast enough
+    assert chosen.structure.id == "p20"  # the fastest within 1 point of 0.96
+    p10 = next(v for v in variants if v.structure.id == "p10")
+    assert not p10.estimated and "max_estimates" in p10.status

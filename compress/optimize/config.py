@@ -12,7 +12,7 @@ from compress.errors import OptionError, UserError, unknown_name
 
 __all__ = ["OptimizeConfig", "BACKENDS", "BUDGET_KEYS"]
 
-BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda")
 BUDGET_KEYS = ("speedup", "latency_ms", "flops_ratio")
 _FLAGS = {"speedup": "--speedup X", "latency_ms": "--latency-ms MS", "flops_ratio": "--flops-ratio R"}
 
@@ -28,8 +28,8 @@ class OptimizeConfig:
         flops_ratio: the budget as FLOPs: at most this fraction of the original's, in (0, 1].
         max_drop: largest accepted drop of the validation accuracy against the original, in points.
         batch_size: images per timed call (the deployment's batch).
-        backend: where latency is measured: ort-cpu, ort-cuda, torch-cpu or torch-cuda (INT8
-            candidates need onnxruntime).
+        backend: where latency is measured: ort-cpu, ort-cuda, ort-trt (onnxruntime's TensorRT
+            provider, where installed), torch-cpu or torch-cuda (INT8 candidates need onnxruntime).
         threads: CPU threads of onnxruntime and PyTorch while timing (default: the libraries' own).
         prune: add pruned candidates (criterion at every prune_ratios, of the original and of the
             cut at the plateau).
@@ -57,7 +57,7 @@ class OptimizeConfig:
     flops_ratio: float | None = None
     max_drop: float = 1.0
     batch_size: int = 1
-    backend: Literal["ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda"] = "ort-cpu"
+    backend: Literal["ort-cpu", "ort-cuda", "ort-trt", "torch-cpu", "torch-cuda"] = "ort-cpu"
     threads: int | None = None
     prune: bool = True
     criterion: str = "coverage"

@@ -145,31 +145,43 @@ def _search(checkpoint, original, data_cfg, analysis_cfg, cfg: OptimizeConfig, o
 
 
 def _choose(variants: list[C.Variant], ctx: C.Context) -> C.Variant | None:
-    """Walk the candidates fast enough for the budget from the fastest; the first accurate enough
-    on validation (a short fine-tune estimating the accuracy of up to ``max_estimates`` that are
-    not) is chosen. Every candidate gets its status."""
+    """The fastest candidate fast enough for the budget and within the accuracy budget on validation.
+
+    Candidates whose accuracy is already known to be within the budget (probes, INT8 files, AFCC)
+    need nothing more. The short fine-tunes (at most ``max_estimates``) go to the others from the
+    slowest fast-enough candidate towards the fastest: the least compressed are the likeliest to
+    hold their accuracy, and once one does, only faster candidates are worth an estimate. Every
+    candidate gets its status."""
     cfg, base = ctx.cfg, ctx.base_accuracy
     by_structure: dict[str, list[C.Variant]] = {}
     for v in variants:
         by_structure.setdefault(v.structure.id, []).append(v)
     ok = [v for v in variants if v.error is None and cfg.fast_enough(v.speedup, v.latency_ms, v.flops_ratio)]
-    ok.sort(key=lambda v: (v.latency_ms, v.name))
-    left, chosen = cfg.max_estimates, None
-    bar = tqdm(total=min(left, len(ok)), desc="estimates", unit="fine-tune", disable=not ctx.progress or not ok)
-    for v in ok:
-        if chosen is not None:
-            break
-        if not cfg.accurate_enough(v.accuracy, base) and v.structure.finetunable and not v.estimated:
-            if left > 0:
-                C.estimate(v.structure, by_structure[v.structure.id], ctx)
-                left -= 1
-                bar.update(1)
-            else:
-                v.status = (f"fast enough, accuracy not estimated: the limit of {cfg.max_estimates} short "
-                            f"fine-tunes (max_estimates) was reached")
-                continue
-        if cfg.accurate_enough(v.accuracy, base):
-            chosen = v
+
+    def best() -> C.Variant | None:
+        good = [v for v in ok if cfg.accurate_enough(v.accuracy, base)]
+        return min(good, key=lambda v: (v.latency_ms, v.name)) if good else None
+
+    left, chosen = cfg.max_estimates, best()
+    pending = [v for v in ok if not cfg.accurate_enough(v.accuracy, base) and v.structure.finetunable
+               and not v.estimated]
+    pending.sort(key=lambda v: (-v.latency_ms, v.name))
+    bar = tqdm(total=min(left, len(pending)), desc="estimates", unit="fine-tune",
+               disable=not ctx.progress or not pending)
+    for v in pending:
+        if chosen is not None and v.latency_ms >= chosen.latency_ms:
+            continue  # a faster candidate already meets the budget
+        if v.estimated:  # estimated with another candidate of its structure (its FP32 / INT8 twin)
+            chosen = best()
+            continue
+        if left <= 0:
+            v.status = (f"fast enough, accuracy not estimated: the limit of {cfg.max_estimates} short "
+                        f"fine-tunes (max_estimates) was reached")
+            continue
+        C.estimate(v.structure, by_structure[v.structure.id], ctx)
+        left -= 1
+        bar.update(1)
+        chosen = best()
     bar.close()
     for v in variants:
         if v.status:

@@ -12,6 +12,7 @@ import torch
 
 from compress.deploy.bench import ORT_CONFIG, available_backends, ort_runner, time_interleaved, torch_runner
 from compress.deploy.predict import open_session
+from compress.deploy.trt import open_trt_session, warmed
 from compress.errors import UserError
 from compress.io import atomic_write_text
 from compress.optimize.candidates import Variant
@@ -33,6 +34,9 @@ def _runner(v: Variant, cfg: OptimizeConfig, input_size) -> Callable[[], Any] | 
         if v.precision != "fp32" or v.structure.model is None:
             return None
         return torch_runner(v.structure.model, input_size, cfg.batch_size, device)
+    if device == "trt":  # TensorRT reads and writes CUDA memory; its engine is built on the first call
+        session = open_trt_session(v.onnx, cfg.threads, ORT_CONFIG)
+        return warmed(ort_runner(session, input_size, cfg.batch_size, "cuda"), True)
     session = open_session(v.onnx, device, cfg.threads, ORT_CONFIG)
     return ort_runner(session, input_size, cfg.batch_size, device)
 
