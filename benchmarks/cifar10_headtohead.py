@@ -405,7 +405,7 @@ def test_accuracy(info: dict) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # paths relative to the repository root, where the script runs (as printed and recorded)
-    p.add_argument("--base", default="benchmarks/cifar10_base/model.pt")
+    p.add_argument("--base", default="benchmarks/cifar10_base_val/model.pt")
     p.add_argument("--data-dir", default="../shared/data/cifar10")
     p.add_argument("--out", type=Path, default=Path("runs/cifar10_headtohead"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
