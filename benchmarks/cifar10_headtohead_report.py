@@ -180,11 +180,15 @@ def equal_latency(args, result, by: dict, criteria: list[str], mechanism: list[s
                 continue
             best = max(tps, key=lambda n: n["acc"])
             gaps[label] = 100 * (r["acc"] - best["acc"])
+            def at(n: dict) -> str:
+                return f"{n['acc']:.4f} at {n['b1']:.3f} ms ({n['b1'] / r['b1']:.2f}x the mechanism's latency)"
+
+            slower = best["b1"] >= r["b1"]
             out.append(f"{label}: {r['name']} {r['acc']:.4f} at {r['b1']:.3f} ms (batch 1); the best Torch-Pruning "
-                       f"criterion at its latency, {best['name']}, {best['acc']:.4f} at {best['b1']:.3f} ms "
-                       f"({gaps[label]:+.2f} points for the mechanism); the others: "
-                       + ", ".join(f"{n['name']} {n['acc']:.4f} at {n['b1']:.3f} ms" for n in tps if n is not best)
-                       + ".")
+                       f"criterion pruned to its latency, {best['name']}, {at(best)}: {gaps[label]:+.2f} points for the "
+                       f"mechanism, against a baseline {'no faster' if slower else 'faster'} than it "
+                       f"({'the gap at truly equal latency would be larger' if slower else 'part of the gap may be its speed'}); "
+                       "the others: " + ", ".join(f"{n['name']} {at(n)}" for n in tps if n is not best) + ".")
         if "INT8" in gaps:
             ok = gaps["INT8"] >= 3.0
             miss = "" if ok else f"; missed by {3.0 - gaps['INT8']:.2f}"
@@ -192,7 +196,10 @@ def equal_latency(args, result, by: dict, criteria: list[str], mechanism: list[s
                           f"least 3 points more accurate than the best Torch-Pruning criterion** ({gaps['INT8']:+.2f} "
                           f"points{miss}"
                           f"). The baselines were pruned (bisection on the FLOPs fraction, FP32 latency timed "
-                          f"interleaved with {ref}'s) to {ref}'s batch-1 latency, then fine-tuned with the same budget.")
+                          f"interleaved with {ref}'s) to {ref}'s batch-1 latency, then fine-tuned with the same budget; "
+                          "the final bench (one process, all models interleaved) says how close each came: where a "
+                          "bisection ran beside other jobs its timings were noisy and it stopped at another width "
+                          "(the same architecture timed at ratios 0.84 to 1.03 in different trials).")
     int8 = [by[v + " int8"] for v in mechanism if v + " int8" in by]
     within = [n for n in int8 if n["delta"] >= -1.0]
     if int8:
