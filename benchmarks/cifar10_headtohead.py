@@ -242,7 +242,8 @@ def plan(name: str, args, targets: dict | None) -> list[Step | Budget]:
         if not reference.is_file():
             raise SystemExit(f"error: {name} is pruned to the latency of {args.latency_reference}, which is not built "
                              f"yet ({reference}); build it first (--variants {args.latency_reference} ...)")
-        return [LatencyBudget(criterion, reference), budget]
+        shared = args.out / "latency" / f"{args.latency_reference}-r{args.latency_round_to or 1}.json"
+        return [LatencyBudget(criterion, reference, shared), budget]
     return [Budget(criterion, targets[metric], metric, args.round_to), budget]
 
 
@@ -447,10 +448,15 @@ def main() -> None:
     p.add_argument("--latency-tol", type=float, default=0.03, help="relative latency distance that ends the bisection")
     p.add_argument("--latency-steps", type=int, default=8, help="bisection trials at most")
     p.add_argument("--latency-lo", type=float, default=0.05, help="smallest FLOPs fraction the bisection tries")
-    p.add_argument("--latency-repeats", type=int, default=300, help="interleaved rounds per latency trial")
+    p.add_argument("--latency-repeats", type=int, default=300,
+                   help="interleaved rounds per latency trial (in blocks of 50; the ratio is the blocks' median)")
+    p.add_argument("--latency-round-to", type=int, default=8,
+                   help="round the @latency baselines' widths to multiples of this (onnxruntime's fast x86 "
+                        "convolutions want multiples of 8; 0: no rounding)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.round_to = args.round_to or None
+    args.latency_round_to = args.latency_round_to or None
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.txt")
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])

@@ -195,11 +195,12 @@ def equal_latency(args, result, by: dict, criteria: list[str], mechanism: list[s
             out.insert(0, f"**{'PASS' if ok else 'FAIL'}: at equal batch-1 latency, INT8, the mechanism model is at "
                           f"least 3 points more accurate than the best Torch-Pruning criterion** ({gaps['INT8']:+.2f} "
                           f"points{miss}"
-                          f"). The baselines were pruned (bisection on the FLOPs fraction, FP32 latency timed "
-                          f"interleaved with {ref}'s) to {ref}'s batch-1 latency, then fine-tuned with the same budget; "
-                          "the final bench (one process, all models interleaved) says how close each came: where a "
-                          "bisection ran beside other jobs its timings were noisy and it stopped at another width "
-                          "(the same architecture timed at ratios 0.84 to 1.03 in different trials).")
+                          f"). The baselines were pruned to {ref}'s batch-1 latency by one bisection on the FLOPs "
+                          f"fraction (widths rounded to multiples of {getattr(args, 'latency_round_to', None) or 1}, "
+                          f"FP32 latency timed interleaved with {ref}'s, the median of several blocks' ratios), shared "
+                          "by every criterion because uniform pruning reaches the same widths whatever it ranks by, then "
+                          "fine-tuned with the same budget; the final bench (one process, all models interleaved) says "
+                          "how close each came.")
     int8 = [by[v + " int8"] for v in mechanism if v + " int8" in by]
     within = [n for n in int8 if n["delta"] >= -1.0]
     if int8:

@@ -64,6 +64,21 @@ def test_a_small_budget_is_met_on_validation(optimized, capsys):
     assert "chosen or why not" in md and c["name"] in md
 
 
+def test_pruned_candidates_keep_widths_in_multiples_of_round_to(optimized):
+    """onnxruntime's fast x86 convolutions want multiples of 8: the default round_to keeps them."""
+    import torch.nn as nn
+
+    from compress.compression.serialize import load_model
+
+    _, out = optimized
+    folders = sorted((out / "candidates").glob("*prune-coverage-0.5-r8"))
+    assert len(folders) == 2  # of the original and of the cut at the plateau
+    for folder in folders:
+        model = load_model(folder / "model.pt")[0]
+        widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert widths and all(w % 8 == 0 for w in widths), (folder.name, widths)
+
+
 def test_a_rerun_reuses_the_candidates(optimized, capsys):
     argv, out = optimized
     built = {p: p.stat().st_mtime_ns for p in (out / "candidates").glob("*/built.json")}

@@ -119,9 +119,11 @@ def plan(ctx: Context) -> list[Structure]:
     out = [Structure("original", "original")]
     out += [Structure(f"cut@{t}", "cut", tap=t) for t in taps]
     if cfg.prune:
+        rounded = f"-r{cfg.round_to}" if cfg.round_to and cfg.round_to > 1 else ""
         for r in cfg.prune_ratios:
-            out.append(Structure(f"prune-{cfg.criterion}-{r:g}", "prune", ratio=r))
-            out.append(Structure(f"cut@{plateau}+prune-{cfg.criterion}-{r:g}", "cut+prune", tap=plateau, ratio=r))
+            out.append(Structure(f"prune-{cfg.criterion}-{r:g}{rounded}", "prune", ratio=r))
+            out.append(Structure(f"cut@{plateau}+prune-{cfg.criterion}-{r:g}{rounded}", "cut+prune", tap=plateau,
+                                 ratio=r))
     if cfg.afcc:
         out.append(Structure(f"afcc@{plateau}", "afcc", tap=plateau))
     for s in out:
@@ -153,7 +155,7 @@ def build(s: Structure, ctx: Context) -> None:
             cut = trim(state, s.tap)
             info["probe_accuracy"] = cut["probe_accuracy"]
         if s.kind in ("prune", "cut+prune"):
-            step = Prune(criterion=ctx.cfg.criterion, target=s.ratio, metric="flops")
+            step = Prune(criterion=ctx.cfg.criterion, target=s.ratio, metric="flops", round_to=ctx.cfg.round_to)
             with warnings.catch_warnings():  # a target missed within tolerance: the FLOPs reached are recorded
                 warnings.simplefilter("ignore")
                 pruned = step.run(state, s.folder / "prune")

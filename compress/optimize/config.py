@@ -36,6 +36,9 @@ class OptimizeConfig:
         criterion: the pruning criterion: coverage (the analysis' clusters) or a Torch-Pruning one
             (l1, l2, taylor, bn-scale, bn-scale-only, random).
         prune_ratios: fractions of the FLOPs the pruned candidates keep, each in (0, 1).
+        round_to: keep the pruned candidates' widths multiples of this (default 8: onnxruntime's
+            fast x86 convolutions want channel counts that are multiples of 8, and a pruned model
+            with odd widths can be slower than one with more FLOPs); 1: exact widths.
         afcc: add the AFCC candidate (cut at the plateau, head reduced to each filter's cluster
             connections).
         int8: add the INT8 variant of every candidate (onnxruntime static QDQ, per-channel).
@@ -62,6 +65,7 @@ class OptimizeConfig:
     prune: bool = True
     criterion: str = "coverage"
     prune_ratios: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    round_to: int | None = 8
     afcc: bool = True
     int8: bool = True
     calibration_images: int = 300
@@ -105,6 +109,8 @@ class OptimizeConfig:
                    hint="fractions of the FLOPs to keep, each in (0, 1), e.g. 0.5 0.25")
         if len(set(self.prune_ratios)) != len(self.prune_ratios):
             raise OptionError("prune_ratios", f"{self.prune_ratios}: every ratio once")
+        if self.round_to is not None:
+            integer("round_to", self.round_to, low=1, high=4096, hint="channels, e.g. 8 (1: exact widths)")
         integer("calibration_images", self.calibration_images, low=1, high=1_000_000, hint="e.g. 300")
         integer("estimate_epochs", self.estimate_epochs, low=1, high=10_000, hint="e.g. 2")
         integer("max_estimates", self.max_estimates, low=0, high=10_000, hint="e.g. 3")
