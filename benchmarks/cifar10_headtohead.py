@@ -427,7 +427,10 @@ def main() -> None:
     p.add_argument("--round-to", type=int, default=0, help="pruned widths are multiples of this (0: any width, "
                    "so that FLOPs can be matched; mechanism-multi-r8 always uses 8)")
     p.add_argument("--taylor-batches", type=int, default=10)
-    p.add_argument("--bench-repeats", type=int, default=50)
+    p.add_argument("--bench-repeats", type=int, default=50, help="timed calls of each model")
+    p.add_argument("--bench-burst", type=int, default=20,
+                   help="calls per model and turn, the first half untimed (steady state; 1: one call per turn, "
+                        "each starting with another model's weights in the caches)")
     p.add_argument("--no-bench", action="store_true", help="build variants only; no timing and no report")
     p.add_argument("--report-only", action="store_true",
                    help="no building and no timing: write the results again from the bench runs already recorded")
@@ -504,12 +507,13 @@ def main() -> None:
     else:
         result = run_bench([str(base)] + [str(f / "model.pt") for f in folders], bundle, args.out / "bench",
                            names=["base", *done], backends=["ort-cpu"], batch_sizes=[1, 64], threads=args.threads,
-                           repeats=args.bench_repeats, int8=args.int8)
+                           repeats=args.bench_repeats, int8=args.int8, burst=args.bench_burst)
         write_bench_report(result, args.out / "bench")
         history.mkdir(exist_ok=True)
         shutil.copy(args.out / "bench" / "bench.json",
                     history / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     runs = [BenchResult(**json.loads(f.read_text())) for f in sorted(history.glob("*.json"))]
+    runs = [r for r in runs if r.settings.get("burst", 1) == result.settings.get("burst", 1)]  # one way of timing
     infos = {v: json.loads((f / "info.json").read_text()) for v, f in zip(done, folders)}
     for v, info in infos.items():  # final accuracy (PyTorch, full test set) per fine-tuning seed
         info["seed_accuracy"] = {s: test_accuracy(json.loads((variant_folder(args, v, s) / "info.json").read_text()))

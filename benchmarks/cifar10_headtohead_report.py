@@ -283,8 +283,8 @@ def write_results(args, result, runs, analysis, extra, fine, infos, targets, bas
              "new head, every layer fine-tuned.", "",
              md_table(header, rows), "", f"![accuracy against latency]({png.name})", "",
              "Latency: onnxruntime CPU, median of "
-             f"{result.settings['repeats']} interleaved rounds in one process, {result.settings['threads']} thread(s), "
-             "last bench run; speed-ups: ratio to the base within each run (all models interleaved in one process), "
+             f"{result.settings['repeats']} timed calls per model in one process ({result.settings.get('timing', '')}), "
+             f"{result.settings['threads']} thread(s), last bench run; speed-ups: ratio to the base within each run (all models interleaved in one process), "
              f"median and range over the {len(runs)} bench runs kept in bench-history/.", "", "## Targets", "",
              f"- **{'PASS' if t1 else 'FAIL'}: best mechanism-guided model >= 2x faster at batch 1, within 1 point.** "
              f"{best['name']}: {best['up1']:.2f}x at batch 1 (median of {len(runs)} bench runs, range "

@@ -186,6 +186,10 @@ def _bench_zero_repeats(tmp, out, base):
     return Case(["bench", str(base.model), "--repeats", "0", "--out", out], ["--repeats 0", "at least 1"])
 
 
+def _bench_zero_burst(tmp, out, base):
+    return Case(["bench", str(base.model), "--burst", "0", "--out", out], ["--burst 0", "at least 1"])
+
+
 def _bench_zero_batch(tmp, out, base):
     return Case(["bench", str(base.model), "--batch-sizes", "1", "0", "--out", out], ["--batch-sizes 0"])
 
@@ -307,7 +311,7 @@ CASES = [_lr_step_zero, _nesterov_without_momentum, _negative_lr, _nan_lr, _infi
          _broken_yaml_flag, _negative_lr_factor, _unknown_model, _model_of_half_a_terabyte, _unwritable_out,
          _threshold, _nan_tolerance, _zero_probe_epochs, _negative_tap_pool, _negative_memory, _bad_decision,
          _unknown_dataset, _unknown_tap, _too_many_labels, _cifar_k_zero, _cifar_k_nan_lr, _taps_huge_input,
-         _taps_negative_hidden, _bench_negative_threads, _bench_zero_repeats, _bench_zero_batch,
+         _taps_negative_hidden, _bench_negative_threads, _bench_zero_repeats, _bench_zero_burst, _bench_zero_batch,
          _export_no_verification, _export_nan_tolerance, _export_old_opset, _export_onto_itself, _predict_top_zero,
          _set_broken_yaml, _set_without_value, _recipe_nan, _recipe_huge_image, _recipe_negative_width,
          _recipe_name_escapes, _recipe_name_empty, _recipe_name_control, _recipe_is_a_list, _recipe_unknown_key,

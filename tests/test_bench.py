@@ -62,6 +62,20 @@ def test_time_interleaved_rotates_and_counts_calls():
         time_interleaved(fns, batch=1, repeats=0)
 
 
+def test_bursts_time_only_the_later_calls_of_each_turn():
+    """burst 4: each turn is 4 calls in a row, 2 untimed then 2 timed; 5 timed calls need 3 rounds (the
+    last turn times one); the untimed call before a timed one is what brings a model back into the caches."""
+    calls: list[str] = []
+    fns = {n: (lambda n=n: calls.append(n) or time.sleep(0.001 if n == "a" else 0.003)) for n in "ab"}
+    stats = time_interleaved(fns, batch=1, warmup=0, repeats=5, burst=4)
+    assert all(s.repeats == 5 for s in stats.values())
+    assert calls[:8] == list("aaaabbbb") and calls[8:16] == list("bbbbaaaa")
+    assert len(calls) == 2 * (2 * 4 + 2 + 1)  # the last turn: 2 untimed, 1 timed
+    assert stats["a"].median_ms < stats["b"].median_ms
+    with pytest.raises(UserError):
+        time_interleaved(fns, batch=1, repeats=1, burst=0)
+
+
 def test_torch_runner_uses_inference_mode():
     model = tiny_vgg()
     out = torch_runner(model, (3, 32, 32), 2)()

@@ -13,7 +13,7 @@ __all__ = ["add_commands"]
 
 # flag -> (smallest, largest) of the integer flags of these commands
 _INT_RANGES = {"labels": (1, 100_000), "image_size": (1, 4096), "limit_test": (1, None), "verify_samples": (1, None),
-               "threads": (1, 1024), "warmup": (0, None), "repeats": (1, None), "top_k": (1, None),
+               "threads": (1, 1024), "warmup": (0, None), "repeats": (1, None), "burst": (1, None), "top_k": (1, None),
                "limit_train": (1, None), "split_seed": (0, 2**32 - 1)}
 
 
@@ -91,10 +91,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     with run_folder_lock(args.out):
         result = run_bench(args.models, bundle, args.out, names=args.names, batch_sizes=args.batch_sizes,
                            warmup=args.warmup, repeats=args.repeats, backends=args.backends, threads=args.threads,
-                           tol=args.tol, int8=args.int8)
+                           tol=args.tol, int8=args.int8, burst=args.burst)
         write_bench_report(result, args.out)
     header, rows, ratio_header, ratios = summary_rows(result)
-    print(f"latency: {primary_backend(result)}, median of {args.repeats} interleaved repeats")
+    how = "interleaved repeats" if args.burst == 1 else f"repeats, interleaved in bursts of {args.burst} calls"
+    print(f"latency: {primary_backend(result)}, median of {args.repeats} {how}")
     for table in ((header, rows), (["ratio to original", *ratio_header[1:]], ratios)):
         widths = [max(len(str(r[i])) for r in [table[0], *table[1]]) + 2 for i in range(len(table[0]))]
         for r in [table[0], *table[1]]:
@@ -211,7 +212,10 @@ def add_commands(sub) -> None:
     p.add_argument("--names", nargs="+", default=None, help="display names, one per model")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
-    p.add_argument("--repeats", type=int, default=50, help="timed interleaved rounds")
+    p.add_argument("--repeats", type=int, default=50, help="timed calls of each model")
+    p.add_argument("--burst", type=int, default=1, help="calls per model and turn of a round, the first half untimed: "
+                   "1 times each call right after another model's (cold caches, as a server switching models), "
+                   "e.g. 20 the steady state of a model served alone")
     p.add_argument("--backends", nargs="+", default=None,
                    help="ort-cpu, ort-cuda, ort-trt (TensorRT), torch-cpu, torch-cuda (default: all available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and onnxruntime")

@@ -6,6 +6,7 @@ accuracy of the exported ONNX model, and the environment every figure was taken 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -110,29 +111,41 @@ def _value(entry: dict[str, Any], key: str, backend: str | None, batch: int | No
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, batch: int, warmup: int = 10,
-                     repeats: int = 50) -> dict[str, LatencyStats]:
-    """Time several callables in one process, interleaved: each round calls every one once, in a
+                     repeats: int = 50, burst: int = 1) -> dict[str, LatencyStats]:
+    """Time several callables in one process, interleaved: each round gives every one a turn, in a
     rotating order, so drifts (clock boost, heat, other load) hit all of them alike.
+
+    With ``burst`` 1 a turn is one timed call, so every call starts with the caches holding the
+    model timed before it (the latency of a server switching between models: at batch 1 up to
+    twice the steady-state one). With ``burst`` > 1 a turn is ``burst`` calls in a row, the first
+    half untimed: the steady-state latency of a model served alone, still interleaved.
 
     Args:
         fns: name -> a callable that runs one batch and returns when its work is done.
         batch: images per call (for the throughput).
         warmup: untimed calls of each before the first round.
-        repeats: timed rounds.
+        repeats: timed calls of each.
+        burst: calls per turn (the first ``burst // 2`` untimed).
     """
-    if repeats < 1 or warmup < 0:
-        raise UserError(f"repeats must be at least 1 and warm-up at least 0 (got {repeats}, {warmup})")
+    if repeats < 1 or warmup < 0 or burst < 1:
+        raise UserError(f"repeats and burst must be at least 1 and warm-up at least 0 (got {repeats}, {burst}, "
+                        f"{warmup})")
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
+    settle = burst // 2
+    timed = burst - settle
     samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
+    for r in range(math.ceil(repeats / timed)):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[name]()
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(settle):
+                fns[name]()
+            for _ in range(min(timed, repeats - len(samples[name]))):
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
     return {n: LatencyStats.from_samples(batch, s) for n, s in samples.items()}
 
 
@@ -351,7 +364,7 @@ def onnx_accuracy(onnx_path: str | os.PathLike, bundle: DataBundle, *, batch_siz
 
 
 def _time_backend(cands: list[Candidate], backend: str, batch_sizes: Sequence[int], warmup: int, repeats: int,
-                  threads: int | None) -> dict[str, dict[str, dict[str, Any]]]:
+                  threads: int | None, burst: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
     """``{model name: {batch: stats}}`` for one backend; models it cannot run are left out."""
     engine, device = backend.split("-")
     runners: dict[str, Callable[[int], Callable[[], Any]]] = {}
@@ -371,7 +384,7 @@ def _time_backend(cands: list[Candidate], backend: str, batch_sizes: Sequence[in
     for b in batch_sizes:
         fns = {n: make(b) for n, make in runners.items()}
         stats = time_interleaved({n: f for n, f in fns.items() if f is not None}, batch=b, warmup=warmup,
-                                 repeats=repeats)
+                                 repeats=repeats, burst=burst)
         for n, s in stats.items():
             out[n][str(b)] = asdict(s)
     if engine == "torch":
@@ -384,7 +397,7 @@ def _time_backend(cands: list[Candidate], backend: str, batch_sizes: Sequence[in
 def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *,
               names: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1, 64), warmup: int = 10,
               repeats: int = 50, backends: Sequence[str] | None = None, threads: int | None = None,
-              tol: float = 1e-3, int8: bool = False) -> BenchResult:
+              tol: float = 1e-3, int8: bool = False, burst: int = 1) -> BenchResult:
     """Measure every model and write ``bench.json`` and the report under ``out``.
 
     Args:
@@ -395,7 +408,7 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
         names: one display name per model (default: the run folder or the file stem).
         batch_sizes: batches timed.
         warmup: untimed calls per model, backend and batch before timing.
-        repeats: timed interleaved rounds.
+        repeats: timed calls of each model (interleaved rounds with ``burst`` 1).
         backends: subset of :data:`BACKENDS` (default: all this machine has; ``ort-trt`` only where
             onnxruntime lists its TensorRT provider, else it is refused naming the available ones).
         threads: CPU threads of PyTorch and onnxruntime (default: PyTorch's current count for both).
@@ -403,19 +416,23 @@ def run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: str | Path, *
         int8: also bench an INT8 variant of every model (:func:`compress.deploy.quantize.quantize_onnx`,
             static QDQ, calibrated on ``bundle.train``, no gate), right after it; ``settings["int8"]``
             says whether the CPU has a fast INT8 path.
+        burst: calls per model and turn of a round, the first half untimed (see
+            :func:`time_interleaved`): 1 times each call right after another model's (cold
+            caches), more the steady state of a model served alone.
 
     The folder is locked for the run (:func:`compress.io.run_folder_lock`); the settings are
     checked before any model is loaded.
     """
     _check_settings(batch_sizes, warmup, repeats, threads, tol)
+    if burst < 1:
+        raise UserError(f"burst {burst}: must be at least 1 (calls per model and turn)")
     with run_folder_lock(out) as out:
         return _run_bench(models, bundle, out, names=names, batch_sizes=batch_sizes, warmup=warmup, repeats=repeats,
-                          backends=backends, threads=threads, tol=tol, int8=int8)
+                          backends=backends, threads=threads, tol=tol, int8=int8, burst=burst)
 
 
 def _check_settings(batch_sizes: Sequence[int], warmup: int, repeats: int, threads: int | None, tol: float) -> None:
     """Refuse settings no benchmark can run with, before any model is loaded."""
-    import math
 
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise UserError(f"batch sizes must be positive integers (got {list(batch_sizes)})")
@@ -429,7 +446,7 @@ def _check_settings(batch_sizes: Sequence[int], warmup: int, repeats: int, threa
 
 def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, names: Sequence[str] | None,
                batch_sizes: Sequence[int], warmup: int, repeats: int, backends: Sequence[str] | None,
-               threads: int | None, tol: float, int8: bool = False) -> BenchResult:
+               threads: int | None, tol: float, int8: bool = False, burst: int = 1) -> BenchResult:
     """:func:`run_bench` in its locked folder."""
     have = available_backends()
     backends = list(backends or have)
@@ -456,7 +473,7 @@ def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, nam
     torch.set_num_threads(threads)
     try:
         for backend in backends:
-            for name, per_batch in _time_backend(cands, backend, batch_sizes, warmup, repeats, threads).items():
+            for name, per_batch in _time_backend(cands, backend, batch_sizes, warmup, repeats, threads, burst).items():
                 latency[name][backend] = per_batch
         env = environment(threads)
     finally:
@@ -469,8 +486,12 @@ def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, nam
                        "export_check": c.export_check, "precision": c.precision, "int8_of": c.int8_of})
     settings = {"batch_sizes": [int(b) for b in batch_sizes], "warmup": warmup, "repeats": repeats,
                 "backends": backends, "threads": threads, "data": bundle.name, "test_samples": len(bundle.test),
-                "timing": "interleaved rounds in one process, rotating order; PyTorch under inference_mode; "
-                          "onnxruntime without thread spinning",
+                "burst": burst,
+                "timing": ("interleaved rounds in one process, rotating order, one timed call per model and turn "
+                           "(caches hold the model before it)" if burst == 1 else
+                           f"interleaved rounds in one process, rotating order, {burst} calls per model and turn, "
+                           f"the first {burst // 2} untimed (steady state)")
+                          + "; PyTorch under inference_mode; onnxruntime without thread spinning",
                 "flops": "fvcore, one image, one multiply-add = 1 FLOP"}
     if int8:
         fast, note = int8_fast_path()
