@@ -487,11 +487,8 @@ def _run_bench(models: Sequence[ModelRef], bundle: DataBundle, out: Path, *, nam
     settings = {"batch_sizes": [int(b) for b in batch_sizes], "warmup": warmup, "repeats": repeats,
                 "backends": backends, "threads": threads, "data": bundle.name, "test_samples": len(bundle.test),
                 "burst": burst,
-                "timing": ("interleaved rounds in one process, rotating order, one timed call per model and turn "
-                           "(caches hold the model before it)" if burst == 1 else
-                           f"interleaved rounds in one process, rotating order, {burst} calls per model and turn, "
-                           f"the first {burst // 2} untimed (steady state)")
-                          + "; PyTorch under inference_mode; onnxruntime without thread spinning",
+                "timing": f"interleaved rounds in one process, rotating order, {burst} call(s) per model and turn, "
+                          f"the first {burst // 2} untimed; PyTorch under inference_mode; onnxruntime without spinning",
                 "flops": "fvcore, one image, one multiply-add = 1 FLOP"}
     if int8:
         fast, note = int8_fast_path()
